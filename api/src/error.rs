@@ -1,0 +1,107 @@
+//! One error type for every handler, mapped to a status code and the course's error shape
+//! `{"errors":[{"message":..,"field":..}]}` in one place.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use common::{StoreError, ValidationError};
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("request validation failed")]
+    Validation(Vec<ValidationError>),
+    #[error("{message}")]
+    BadRequest {
+        message: String,
+        field: Option<&'static str>,
+    },
+    #[error("Not authorized")]
+    Unauthorized,
+    #[error("Not Found")]
+    NotFound,
+    #[error("Method Not Allowed")]
+    MethodNotAllowed,
+    #[error("{0}")]
+    Conflict(String),
+    #[error("Request body is larger than {} bytes", crate::BODY_LIMIT)]
+    PayloadTooLarge,
+    #[error("Content-Type must be application/json")]
+    UnsupportedMediaType,
+    #[error("The service is temporarily unavailable, try again")]
+    Store(#[from] StoreError),
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Validation(_) | ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    errors: Vec<ErrorItem>,
+}
+
+#[derive(Serialize)]
+struct ErrorItem {
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'static str>,
+}
+
+/// `error: cause: cause ...`, for logs.
+pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let errors = match &self {
+            ApiError::Validation(list) => list
+                .iter()
+                .map(|v| ErrorItem {
+                    message: v.message.clone(),
+                    field: Some(v.field),
+                })
+                .collect(),
+            ApiError::BadRequest { message, field } => vec![ErrorItem {
+                message: message.clone(),
+                field: *field,
+            }],
+            other => {
+                if let ApiError::Store(e) = other {
+                    tracing::error!(error = %cause_chain(e), "store failure answered with 503");
+                }
+                vec![ErrorItem {
+                    message: other.to_string(),
+                    field: None,
+                }]
+            }
+        };
+        (self.status(), Json(ErrorBody { errors })).into_response()
+    }
+}

@@ -1,0 +1,35 @@
+//! The HTTP API of the tickets service. It writes tickets and their events through the store in
+//! one transaction and never talks to NATS: delivery is the outbox's job.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod tickets;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use common::Store;
+use std::sync::Arc;
+
+pub use auth::{AuthUser, JwtKey, MaybeAuthUser};
+pub use error::ApiError;
+
+/// Largest request body accepted, in bytes.
+pub const BODY_LIMIT: usize = 16 * 1024;
+
+/// What every handler may use.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub store: Arc<dyn Store>,
+    pub jwt: JwtKey,
+}
+
+/// The whole HTTP API, with the contract's 404 and 405 in the error shape.
+pub fn router(ctx: ApiContext) -> Router {
+    Router::new()
+        .merge(tickets::router())
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(ctx)
+}

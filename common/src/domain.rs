@@ -1,0 +1,375 @@
+//! Domain types. Values from the outside world enter through `parse`, so a `Title` or a `Price`
+//! that exists is a valid one ("parse, don't validate").
+
+use bson::oid::ObjectId;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Longest accepted title, in characters (not bytes).
+pub const TITLE_MAX_CHARS: usize = 200;
+/// Highest accepted price.
+pub const PRICE_MAX: f64 = 1_000_000.0;
+
+/// A rule a value from the outside broke, with the message the HTTP contract pins.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ValidationError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+macro_rules! object_id_newtype {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(ObjectId);
+
+        /// JSON carries the 24-character hex string (BSON documents are built by the adapter).
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0.to_hex())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::parse(&s).ok_or_else(|| serde::de::Error::custom(format!("not an ObjectId: {s:?}")))
+            }
+        }
+
+        impl $name {
+            pub fn new() -> Self {
+                Self(ObjectId::new())
+            }
+            /// Accepts exactly a 24-character hex ObjectId.
+            pub fn parse(s: &str) -> Option<Self> {
+                ObjectId::from_str(s).ok().map(Self)
+            }
+            pub fn object_id(&self) -> ObjectId {
+                self.0
+            }
+            pub fn from_object_id(id: ObjectId) -> Self {
+                Self(id)
+            }
+            pub fn to_hex(&self) -> String {
+                self.0.to_hex()
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0.to_hex())
+            }
+        }
+    };
+}
+
+object_id_newtype!(
+    /// A ticket's id: a MongoDB ObjectId in every store, so URLs look the same everywhere.
+    TicketId
+);
+object_id_newtype!(
+    /// An outbox event's id; also the `Nats-Msg-Id` that lets JetStream drop a re-publish.
+    EventId
+);
+
+/// A ticket title: present, not only whitespace, at most [`TITLE_MAX_CHARS`] characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Title(String);
+
+impl Title {
+    pub fn parse(raw: Option<&serde_json::Value>) -> Result<Self, ValidationError> {
+        let required = || ValidationError::new("title", "Title is required");
+        let s = raw.and_then(|v| v.as_str()).ok_or_else(required)?;
+        if s.trim().is_empty() {
+            return Err(required());
+        }
+        if s.chars().count() > TITLE_MAX_CHARS {
+            return Err(ValidationError::new(
+                "title",
+                format!("Title must be at most {TITLE_MAX_CHARS} characters"),
+            ));
+        }
+        Ok(Self(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A price: a finite number greater than 0 and at most [`PRICE_MAX`]. Accepted as a JSON number
+/// or a numeric string (the course's React client sends `"20.00"`); always stored as a number.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Price(f64);
+
+impl Price {
+    /// `message` is the contract's message for a missing or non-positive price, which differs
+    /// between create and update.
+    pub fn parse(raw: Option<&serde_json::Value>, message: &str) -> Result<Self, ValidationError> {
+        let invalid = || ValidationError::new("price", message);
+        let n = match raw {
+            Some(serde_json::Value::Number(n)) => n.as_f64().ok_or_else(invalid)?,
+            Some(serde_json::Value::String(s)) => {
+                let s = s.trim();
+                // Only plain decimal notation: "20", "20.00", ".5". No "inf", "NaN", "1e3", hex.
+                let plain = !s.is_empty()
+                    && s.chars().all(|c| c.is_ascii_digit() || c == '.')
+                    && s.chars().filter(|&c| c == '.').count() <= 1
+                    && s.chars().any(|c| c.is_ascii_digit());
+                if !plain {
+                    return Err(invalid());
+                }
+                s.parse::<f64>().map_err(|_| invalid())?
+            }
+            _ => return Err(invalid()),
+        };
+        if !n.is_finite() || n <= 0.0 {
+            return Err(invalid());
+        }
+        if n > PRICE_MAX {
+            return Err(ValidationError::new(
+                "price",
+                format!("Price must be at most {PRICE_MAX}"),
+            ));
+        }
+        Ok(Self(n))
+    }
+
+    pub fn value(&self) -> f64 {
+        self.0
+    }
+}
+
+/// The id of a signed-in user: the `id` claim of their JWT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct UserId(String);
+
+impl UserId {
+    pub fn parse(s: &str) -> Option<Self> {
+        let ok = !s.trim().is_empty() && s.len() <= 256;
+        ok.then(|| Self(s.to_owned()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A ticket as stored and as served over HTTP. Its JSON is also the payload (`data`) of the
+/// `ticket.created` / `ticket.updated` events: `{id, title, price, userId, version}` and
+/// `orderId` only when set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Ticket {
+    pub id: TicketId,
+    pub title: String,
+    pub price: f64,
+    pub user_id: String,
+    pub version: i64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub order_id: Option<String>,
+}
+
+/// What a create request carries once parsed.
+#[derive(Debug, Clone)]
+pub struct NewTicket {
+    pub title: Title,
+    pub price: Price,
+    pub user_id: UserId,
+}
+
+/// What an update request changes once parsed.
+#[derive(Debug, Clone)]
+pub struct TicketChanges {
+    pub title: Title,
+    pub price: Price,
+}
+
+/// Event subjects, as the course's `common` package names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Subject {
+    #[serde(rename = "ticket.created")]
+    TicketCreated,
+    #[serde(rename = "ticket.updated")]
+    TicketUpdated,
+}
+
+impl Subject {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Subject::TicketCreated => "ticket.created",
+            Subject::TicketUpdated => "ticket.updated",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "ticket.created" => Some(Subject::TicketCreated),
+            "ticket.updated" => Some(Subject::TicketUpdated),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One failed publish attempt, kept on the event (the last [`FAILURES_KEPT`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Failure {
+    pub at: DateTime<Utc>,
+    pub error: String,
+}
+
+/// How many failures an event keeps; `attempts` counts them all.
+pub const FAILURES_KEPT: usize = 10;
+
+/// A row of the `events` table / a document of the `events` collection: one undelivered event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxEvent {
+    pub id: EventId,
+    pub subject: Subject,
+    /// The payload published to NATS, built from the row as the transaction stored it.
+    pub data: serde_json::Value,
+    /// The ticket the event is about; events of one aggregate are published in `version` order.
+    pub aggregate_id: TicketId,
+    pub version: i64,
+    pub is_locked: bool,
+    pub locked_until: DateTime<Utc>,
+    /// Who holds the lock: `None` on a fresh event (reserved for the change feed's first attempt).
+    pub locked_by: Option<String>,
+    pub failures: Vec<Failure>,
+    pub attempts: i64,
+    pub created_at: DateTime<Utc>,
+    /// When the "needs a human" alert was queued, if it was.
+    pub alerted_at: Option<DateTime<Utc>>,
+}
+
+impl OutboxEvent {
+    /// The event a ticket change produces, locked for the change feed until `lease` has passed.
+    pub fn for_ticket(
+        subject: Subject,
+        ticket: &Ticket,
+        now: DateTime<Utc>,
+        lease: chrono::Duration,
+    ) -> Self {
+        Self {
+            id: EventId::new(),
+            subject,
+            data: serde_json::to_value(ticket).unwrap_or(serde_json::Value::Null),
+            aggregate_id: ticket.id,
+            version: ticket.version,
+            is_locked: true,
+            locked_until: now + lease,
+            locked_by: None,
+            failures: Vec::new(),
+            attempts: 0,
+            created_at: now,
+            alerted_at: None,
+        }
+    }
+
+    pub fn last_error(&self) -> Option<&str> {
+        self.failures.last().map(|f| f.error.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const CREATE: &str = "Price must be greater than 0";
+
+    #[test]
+    fn title_rejects_missing_empty_blank_and_too_long() {
+        for raw in [None, Some(json!("")), Some(json!("   \t")), Some(json!(5))] {
+            let err = Title::parse(raw.as_ref()).unwrap_err();
+            assert_eq!(err.message, "Title is required");
+            assert_eq!(err.field, "title");
+        }
+        let long = "é".repeat(TITLE_MAX_CHARS + 1);
+        assert!(Title::parse(Some(&json!(long))).is_err());
+        let max = "é".repeat(TITLE_MAX_CHARS);
+        assert_eq!(Title::parse(Some(&json!(max))).unwrap().as_str(), max);
+    }
+
+    #[test]
+    fn price_accepts_numbers_and_numeric_strings() {
+        assert_eq!(Price::parse(Some(&json!(20)), CREATE).unwrap().value(), 20.0);
+        assert_eq!(Price::parse(Some(&json!("20.00")), CREATE).unwrap().value(), 20.0);
+        assert_eq!(Price::parse(Some(&json!(" 0.5 ")), CREATE).unwrap().value(), 0.5);
+        assert_eq!(Price::parse(Some(&json!(PRICE_MAX)), CREATE).unwrap().value(), PRICE_MAX);
+    }
+
+    #[test]
+    fn price_rejects_missing_non_positive_and_non_numeric() {
+        for raw in [
+            None,
+            Some(json!(0)),
+            Some(json!(-10)),
+            Some(json!("abc")),
+            Some(json!("NaN")),
+            Some(json!("inf")),
+            Some(json!("1e3")),
+            Some(json!("-1")),
+            Some(json!("")),
+            Some(json!(".")),
+            Some(json!(null)),
+            Some(json!([1])),
+        ] {
+            let err = Price::parse(raw.as_ref(), CREATE).unwrap_err();
+            assert_eq!(err.message, CREATE, "{raw:?}");
+        }
+        assert!(Price::parse(Some(&json!(PRICE_MAX * 2.0)), CREATE).is_err());
+    }
+
+    #[test]
+    fn ticket_json_has_order_id_only_when_set() {
+        let mut t = Ticket {
+            id: TicketId::new(),
+            title: "concert".into(),
+            price: 10.0,
+            user_id: "u1".into(),
+            version: 0,
+            order_id: None,
+        };
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 5);
+        assert_eq!(v["id"], json!(t.id.to_hex()));
+        assert_eq!(v["userId"], json!("u1"));
+        t.order_id = Some("o1".into());
+        assert_eq!(serde_json::to_value(&t).unwrap()["orderId"], json!("o1"));
+    }
+
+    #[test]
+    fn ids_parse_only_object_id_hex() {
+        assert!(TicketId::parse("not-an-id").is_none());
+        assert!(TicketId::parse("507f1f77bcf86cd79943901").is_none());
+        let id = TicketId::new();
+        assert_eq!(TicketId::parse(&id.to_hex()), Some(id));
+    }
+}

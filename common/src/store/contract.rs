@@ -1,0 +1,422 @@
+//! The store contract: one suite, generic over [`Store`], that every adapter must pass.
+//! SQLite runs it in this crate's tests; MongoDB runs it whenever `TICKETS_TEST_MONGO_URI` is set.
+//! Each check takes a fresh, empty store whose new events are reserved for the change feed for
+//! 30 s (the default `OUTBOX_LOCK_SECS`).
+
+use super::{AlertKind, Lease, Page, Store, UpdateOutcome};
+use crate::domain::{NewTicket, Price, Subject, TicketChanges, TicketId, Title, UserId};
+use futures::StreamExt;
+use serde_json::json;
+use std::time::Duration;
+
+/// Expands to one `#[tokio::test]` per contract check. `$make` is an async expression yielding
+/// `Option<(impl Store, guard)>` (the guard, such as a temp dir, lives as long as the test);
+/// `None` means "this adapter can't run here" and the test says so.
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($make:expr) => {
+        $crate::store_contract_tests!(@each $make;
+            create_writes_ticket_and_fresh_event,
+            update_writes_event_from_stored_row,
+            update_reports_conflict_and_not_found,
+            listing_pages_unreserved_tickets,
+            fresh_event_is_claimed_once,
+            sweep_claims_only_unlocked_or_expired,
+            failures_unlock_keep_last_ten_and_alert_once,
+            complete_deletes_and_resolves_alerted,
+            release_needs_the_lease,
+            pending_versions_lists_the_outbox_per_ticket,
+            change_feed_sees_commits_in_order,
+            alerts_are_claimed_once,
+            stats_and_operator_commands,
+        );
+    };
+    (@each $make:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                match $make.await {
+                    Some((store, _guard)) => $crate::store::contract::$name(&store).await,
+                    None => eprintln!("skipped {}: adapter not available here", stringify!($name)),
+                }
+            }
+        )*
+    };
+}
+
+fn new_ticket(title: &str, price: f64, user: &str) -> NewTicket {
+    NewTicket {
+        title: Title::parse(Some(&json!(title))).expect("valid title"),
+        price: Price::parse(Some(&json!(price)), "bad price").expect("valid price"),
+        user_id: UserId::parse(user).expect("valid user"),
+    }
+}
+
+fn changes(title: &str, price: f64) -> TicketChanges {
+    TicketChanges {
+        title: Title::parse(Some(&json!(title))).expect("valid title"),
+        price: Price::parse(Some(&json!(price)), "bad price").expect("valid price"),
+    }
+}
+
+fn lease(who: &str) -> Lease {
+    Lease::new(who, Duration::from_secs(30))
+}
+
+fn expired_lease(who: &str) -> Lease {
+    let mut l = Lease::new(who, Duration::ZERO);
+    l.until -= chrono::Duration::seconds(1);
+    l
+}
+
+pub async fn create_writes_ticket_and_fresh_event(store: &dyn Store) {
+    let t = store
+        .create_ticket(&new_ticket("concert", 20.0, "user-1"))
+        .await
+        .expect("create");
+    assert_eq!((t.version, t.price, t.title.as_str()), (0, 20.0, "concert"));
+    assert_eq!(store.get_ticket(t.id).await.expect("get"), Some(t.clone()));
+    let events = store.list_events(10, None).await.expect("list");
+    assert_eq!(events.len(), 1);
+    let e = &events[0];
+    assert_eq!(e.subject, Subject::TicketCreated);
+    assert_eq!(e.aggregate_id, t.id);
+    assert_eq!(e.version, 0);
+    assert_eq!(e.data, serde_json::to_value(&t).expect("json"));
+    assert!(e.is_locked && e.locked_by.is_none());
+    assert!(e.locked_until > chrono::Utc::now());
+    assert_eq!((e.attempts, e.failures.len()), (0, 0));
+    assert!(store.get_ticket(TicketId::new()).await.expect("get").is_none());
+}
+
+pub async fn update_writes_event_from_stored_row(store: &dyn Store) {
+    let t = store
+        .create_ticket(&new_ticket("a", 5.0, "u"))
+        .await
+        .expect("create");
+    let outcome = store
+        .update_ticket(t.id, 0, &changes("b", 7.5))
+        .await
+        .expect("update");
+    let UpdateOutcome::Updated(u) = outcome else {
+        panic!("expected Updated, got {outcome:?}");
+    };
+    assert_eq!((u.version, u.title.as_str(), u.price), (1, "b", 7.5));
+    let events = store.list_events(10, None).await.expect("list");
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].subject, Subject::TicketUpdated);
+    assert_eq!(events[1].version, 1);
+    assert_eq!(events[1].data, serde_json::to_value(&u).expect("json"));
+}
+
+pub async fn update_reports_conflict_and_not_found(store: &dyn Store) {
+    let t = store
+        .create_ticket(&new_ticket("a", 5.0, "u"))
+        .await
+        .expect("create");
+    let first = store.update_ticket(t.id, 0, &changes("b", 1.0)).await;
+    assert!(matches!(first, Ok(UpdateOutcome::Updated(_))));
+    let stale = store.update_ticket(t.id, 0, &changes("c", 2.0)).await;
+    assert_eq!(stale.expect("update"), UpdateOutcome::Conflict);
+    let missing = store
+        .update_ticket(TicketId::new(), 0, &changes("c", 2.0))
+        .await;
+    assert_eq!(missing.expect("update"), UpdateOutcome::NotFound);
+    // The conflict wrote nothing: still two events, ticket at version 1.
+    assert_eq!(store.list_events(10, None).await.expect("list").len(), 2);
+    let stored = store.get_ticket(t.id).await.expect("get").expect("exists");
+    assert_eq!((stored.version, stored.title.as_str()), (1, "b"));
+}
+
+pub async fn listing_pages_unreserved_tickets(store: &dyn Store) {
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let t = store
+            .create_ticket(&new_ticket(&format!("t{i}"), 1.0 + i as f64, "u"))
+            .await
+            .expect("create");
+        ids.push(t.id);
+    }
+    ids.sort();
+    let first = store
+        .list_unreserved(Page {
+            limit: 2,
+            after: None,
+        })
+        .await
+        .expect("list");
+    assert_eq!(first.iter().map(|t| t.id).collect::<Vec<_>>(), ids[..2]);
+    let rest = store
+        .list_unreserved(Page {
+            limit: 10,
+            after: Some(ids[1]),
+        })
+        .await
+        .expect("list");
+    assert_eq!(rest.iter().map(|t| t.id).collect::<Vec<_>>(), ids[2..]);
+}
+
+pub async fn fresh_event_is_claimed_once(store: &dyn Store) {
+    store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    let id = store.list_events(1, None).await.expect("list")[0].id;
+    let (a, b) = (lease("replica-a"), lease("replica-b"));
+    let first = store.claim_fresh(&[id], &a).await.expect("claim");
+    let second = store.claim_fresh(&[id], &b).await.expect("claim");
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].locked_by.as_deref(), Some(a.token.as_str()));
+    assert!(second.is_empty(), "a second replica must not get the event");
+    // Neither may the sweep while the lease holds.
+    assert!(store.claim_due(10, &b).await.expect("due").is_empty());
+}
+
+pub async fn sweep_claims_only_unlocked_or_expired(store: &dyn Store) {
+    for i in 0..3 {
+        store
+            .create_ticket(&new_ticket(&format!("t{i}"), 1.0, "u"))
+            .await
+            .expect("create");
+    }
+    let events = store.list_events(10, None).await.expect("list");
+    // Fresh events are reserved for the change feed: nothing is due.
+    assert!(store.claim_due(10, &lease("s")).await.expect("due").is_empty());
+    // One fails (unlocked), one is held by a feed whose lease already expired, one stays held.
+    let dead = expired_lease("dead-worker");
+    let held = store.claim_fresh(&[events[0].id], &dead).await.expect("c");
+    assert_eq!(held.len(), 1);
+    let failing = lease("w");
+    store
+        .claim_fresh(&[events[1].id], &failing)
+        .await
+        .expect("c");
+    store
+        .record_failure(&[events[1].id], &failing, "nats down", 5)
+        .await
+        .expect("fail");
+    store
+        .claim_fresh(&[events[2].id], &lease("alive"))
+        .await
+        .expect("c");
+    let sweeper = lease("sweeper");
+    let mut due = store.claim_due(10, &sweeper).await.expect("due");
+    due.sort_by_key(|e| e.id);
+    let mut want = vec![events[0].id, events[1].id];
+    want.sort();
+    assert_eq!(due.iter().map(|e| e.id).collect::<Vec<_>>(), want);
+    assert!(due.iter().all(|e| e.is_locked && e.locked_by.as_deref() == Some(&sweeper.token)));
+    // Claimed once: a concurrent sweeper finds nothing.
+    assert!(store.claim_due(10, &lease("other")).await.expect("due").is_empty());
+}
+
+pub async fn failures_unlock_keep_last_ten_and_alert_once(store: &dyn Store) {
+    store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    let id = store.list_events(1, None).await.expect("list")[0].id;
+    let first = lease("feed");
+    assert_eq!(store.claim_fresh(&[id], &first).await.expect("c").len(), 1);
+    let alerted = store
+        .record_failure(&[id], &first, "error 1", 3)
+        .await
+        .expect("fail");
+    assert!(alerted.is_empty());
+    let mut alert_count = 0;
+    for n in 2..=12 {
+        let l = lease("sweep");
+        let claimed = store.claim_due(10, &l).await.expect("due");
+        assert_eq!(claimed.len(), 1, "attempt {n}");
+        let alerted = store
+            .record_failure(&[id], &l, &format!("error {n}"), 3)
+            .await
+            .expect("fail");
+        alert_count += alerted.len();
+        if n == 3 {
+            assert_eq!(alerted.len(), 1, "alerts when attempts reach the threshold");
+        }
+    }
+    assert_eq!(alert_count, 1, "one alert per event, not one per sweep");
+    let e = store.get_event(id).await.expect("get").expect("exists");
+    assert_eq!(e.attempts, 12);
+    assert!(!e.is_locked && e.locked_by.is_none());
+    assert_eq!(e.failures.len(), 10);
+    assert_eq!(e.failures[0].error, "error 3");
+    assert_eq!(e.last_error(), Some("error 12"));
+    assert!(e.alerted_at.is_some());
+    // A failure reported under a lease that is no longer held changes nothing.
+    let stale = store
+        .record_failure(&[id], &first, "late", 3)
+        .await
+        .expect("fail");
+    assert!(stale.is_empty());
+    assert_eq!(store.get_event(id).await.expect("get").expect("e").attempts, 12);
+    let alerts = store.claim_alerts(10, &lease("a")).await.expect("alerts");
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0].kind, AlertKind::Firing);
+    assert_eq!(alerts[0].event.id, id);
+    assert_eq!(alerts[0].event.attempts, 3);
+}
+
+pub async fn complete_deletes_and_resolves_alerted(store: &dyn Store) {
+    store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    store
+        .create_ticket(&new_ticket("b", 1.0, "u"))
+        .await
+        .expect("create");
+    let events = store.list_events(10, None).await.expect("list");
+    let (quiet, alerted) = (events[0].id, events[1].id);
+    let l = lease("w");
+    store.claim_fresh(&[quiet, alerted], &l).await.expect("c");
+    store
+        .record_failure(&[alerted], &l, "boom", 1)
+        .await
+        .expect("fail");
+    let fired = store.claim_alerts(10, &lease("a")).await.expect("alerts");
+    assert_eq!(fired.len(), 1);
+    store.delete_alert(&fired[0].id).await.expect("delete");
+    store.complete(&[quiet, alerted]).await.expect("complete");
+    assert!(store.list_events(10, None).await.expect("list").is_empty());
+    let resolved = store.claim_alerts(10, &lease("a")).await.expect("alerts");
+    assert_eq!(resolved.len(), 1, "one resolved alert, for the alerted event only");
+    assert_eq!(resolved[0].kind, AlertKind::Resolved);
+    assert_eq!(resolved[0].event.id, alerted);
+    // Completing again (a re-delivered duplicate) is harmless.
+    store.complete(&[alerted]).await.expect("complete");
+}
+
+pub async fn release_needs_the_lease(store: &dyn Store) {
+    store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    let id = store.list_events(1, None).await.expect("list")[0].id;
+    let mine = lease("mine");
+    store.claim_fresh(&[id], &mine).await.expect("c");
+    store.release(&[id], &lease("intruder")).await.expect("r");
+    assert!(store.get_event(id).await.expect("g").expect("e").is_locked);
+    store.release(&[id], &mine).await.expect("r");
+    let e = store.get_event(id).await.expect("g").expect("e");
+    assert!(!e.is_locked && e.locked_by.is_none());
+    assert_eq!(e.attempts, 0, "waiting is not a failure");
+    assert_eq!(store.claim_due(10, &lease("s")).await.expect("due").len(), 1);
+}
+
+pub async fn pending_versions_lists_the_outbox_per_ticket(store: &dyn Store) {
+    let t = store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    store
+        .update_ticket(t.id, 0, &changes("b", 2.0))
+        .await
+        .expect("update");
+    let other = store
+        .create_ticket(&new_ticket("x", 1.0, "u"))
+        .await
+        .expect("create");
+    let pending = store.pending_versions(&[t.id]).await.expect("pending");
+    assert_eq!(pending.iter().map(|p| p.version).collect::<Vec<_>>(), [0, 1]);
+    assert!(pending.iter().all(|p| p.aggregate_id == t.id));
+    let first = pending[0].event_id;
+    store.complete(&[first]).await.expect("complete");
+    let pending = store
+        .pending_versions(&[t.id, other.id])
+        .await
+        .expect("pending");
+    assert_eq!(pending.len(), 2);
+}
+
+pub async fn change_feed_sees_commits_in_order(store: &dyn Store) {
+    let start = store.load_feed_position().await.expect("load");
+    let mut feed = store.change_feed(start).await.expect("feed");
+    let mut created = Vec::new();
+    for i in 0..3 {
+        store
+            .create_ticket(&new_ticket(&format!("t{i}"), 1.0, "u"))
+            .await
+            .expect("create");
+    }
+    for e in store.list_events(10, None).await.expect("list") {
+        created.push(e.id);
+    }
+    let mut seen = Vec::new();
+    let mut last = None;
+    while seen.len() < 3 {
+        let item = tokio::time::timeout(Duration::from_secs(10), feed.next())
+            .await
+            .expect("the feed must deliver within 10 s")
+            .expect("feed ended")
+            .expect("feed error");
+        seen.push(item.event_id);
+        last = Some(item.position);
+    }
+    assert_eq!(seen, created);
+    let last = last.expect("a position");
+    store.save_feed_position(&last).await.expect("save");
+    assert_eq!(store.load_feed_position().await.expect("load"), Some(last.clone()));
+    // Resuming from the saved position yields only what came after it.
+    drop(feed);
+    store
+        .create_ticket(&new_ticket("late", 1.0, "u"))
+        .await
+        .expect("create");
+    let mut resumed = store.change_feed(Some(last)).await.expect("feed");
+    let next = tokio::time::timeout(Duration::from_secs(10), resumed.next())
+        .await
+        .expect("resumed feed must deliver")
+        .expect("feed ended")
+        .expect("feed error");
+    assert!(!created.contains(&next.event_id));
+}
+
+pub async fn alerts_are_claimed_once(store: &dyn Store) {
+    store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    let id = store.list_events(1, None).await.expect("list")[0].id;
+    let l = lease("w");
+    store.claim_fresh(&[id], &l).await.expect("c");
+    store.record_failure(&[id], &l, "boom", 1).await.expect("f");
+    let a = store.claim_alerts(10, &lease("a")).await.expect("claim");
+    let b = store.claim_alerts(10, &lease("b")).await.expect("claim");
+    assert_eq!((a.len(), b.len()), (1, 0));
+    store.release_alert(&a[0].id).await.expect("release");
+    let again = store.claim_alerts(10, &lease("b")).await.expect("claim");
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].attempts, 1);
+}
+
+pub async fn stats_and_operator_commands(store: &dyn Store) {
+    let empty = store.outbox_stats(5).await.expect("stats");
+    assert_eq!(empty.depth, 0);
+    assert!(empty.oldest_created_at.is_none());
+    for i in 0..3 {
+        store
+            .create_ticket(&new_ticket(&format!("t{i}"), 1.0, "u"))
+            .await
+            .expect("create");
+    }
+    let events = store.list_events(10, None).await.expect("list");
+    let l = lease("w");
+    store.claim_fresh(&[events[0].id], &l).await.expect("c");
+    store
+        .record_failure(&[events[0].id], &l, "boom", 1)
+        .await
+        .expect("f");
+    let stats = store.outbox_stats(1).await.expect("stats");
+    assert_eq!((stats.depth, stats.locked, stats.unlocked), (3, 2, 1));
+    assert_eq!(stats.past_alert_threshold, 1);
+    assert_eq!(stats.pending_alerts, 1);
+    assert_eq!(stats.oldest_created_at, Some(events[0].created_at));
+    let stuck = store.list_events(10, Some(1)).await.expect("list");
+    assert_eq!(stuck.iter().map(|e| e.id).collect::<Vec<_>>(), [events[0].id]);
+    // Operator retry: unlock a fresh event now so the next sweep takes it.
+    assert_eq!(store.unlock_events(&[events[1].id]).await.expect("u"), 1);
+    assert_eq!(store.claim_due(10, &lease("s")).await.expect("due").len(), 2);
+}

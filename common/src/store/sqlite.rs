@@ -1,0 +1,829 @@
+//! The embedded store: one SQLite file in WAL mode. One writer connection (writes are serialised
+//! by SQLite anyway; one connection means they queue in-process instead of failing with "database
+//! is locked") and a small pool of readers. Blocking calls run on tokio's blocking pool.
+//! Another process on the same file (a separate `ticketing worker`) waits on `busy_timeout`.
+
+use super::{
+    Alert, AlertKind, ChangeFeed, FeedItem, FeedPosition, Lease, OutboxStats, Page,
+    PendingVersion, Store, StoreError, UpdateOutcome,
+};
+use crate::domain::{
+    EventId, FAILURES_KEPT, Failure, NewTicket, OutboxEvent, Subject, Ticket, TicketChanges,
+    TicketId,
+};
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+const MAX_IDLE_READERS: usize = 8;
+const FEED_BATCH: i64 = 512;
+const FEED_NAME: &str = "change-feed";
+const EVENT_COLS: &str = "id, subject, data, aggregate_id, version, is_locked, locked_until, \
+                          locked_by, failures, attempts, created_at, alerted_at";
+
+#[derive(Debug, Clone)]
+pub struct SqliteOptions {
+    /// How long a new event stays reserved for the change feed's first attempt before the sweep
+    /// may take it (`OUTBOX_LOCK_SECS`).
+    pub fresh_lock: Duration,
+    /// How often a change feed in another process than the writer looks for new events.
+    pub feed_poll: Duration,
+    /// Benchmark baseline only: write tickets without their events. Never in production.
+    pub write_outbox: bool,
+}
+
+impl Default for SqliteOptions {
+    fn default() -> Self {
+        Self {
+            fresh_lock: Duration::from_secs(30),
+            feed_poll: Duration::from_millis(100),
+            write_outbox: true,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: Mutex<Connection>,
+    readers: Mutex<Vec<Connection>>,
+    /// Woken after every commit that wrote an event, so an in-process change feed sees it at once.
+    committed: Notify,
+    options: SqliteOptions,
+}
+
+impl SqliteStore {
+    /// Opens (creating it and its parent folders if needed) and migrates the database file.
+    pub async fn open(path: impl AsRef<Path>, options: SqliteOptions) -> Result<Self, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let store = tokio::task::spawn_blocking(move || -> Result<Self, StoreError> {
+            if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                std::fs::create_dir_all(parent).map_err(|e| StoreError::backend("open", e))?;
+            }
+            let mut writer = connect(&path).map_err(|e| StoreError::backend("open", e))?;
+            migrate(&mut writer).map_err(|e| StoreError::backend("migrate", e))?;
+            Ok(Self {
+                inner: Arc::new(Inner {
+                    path,
+                    writer: Mutex::new(writer),
+                    readers: Mutex::new(Vec::new()),
+                    committed: Notify::new(),
+                    options,
+                }),
+            })
+        })
+        .await
+        .map_err(|e| StoreError::backend("open", e))??;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    async fn write<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &SqliteOptions) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = inner
+                .writer
+                .lock()
+                .map_err(|_| StoreError::backend(op, "writer connection poisoned"))?;
+            f(&mut conn, &inner.options).map_err(|e| StoreError::backend(op, e))
+        })
+        .await
+        .map_err(|e| StoreError::backend(op, e))?
+    }
+
+    async fn read<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let pooled = inner.readers.lock().ok().and_then(|mut r| r.pop());
+            let conn = match pooled {
+                Some(c) => c,
+                None => connect(&inner.path).map_err(|e| StoreError::backend(op, e))?,
+            };
+            let result = f(&conn).map_err(|e| StoreError::backend(op, e));
+            if let Ok(mut idle) = inner.readers.lock()
+                && idle.len() < MAX_IDLE_READERS
+            {
+                idle.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::backend(op, e))?
+    }
+}
+
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(Duration::from_secs(10))?;
+    // WAL: readers never block the writer. synchronous=FULL: a 201 means the ticket and its
+    // event survive a power cut, not only a process crash.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let current: usize = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", i + 1)?;
+    }
+    tx.commit()
+}
+
+// ---- value mapping ----
+
+/// UTC timestamps as fixed-width text, so that text order is time order.
+fn ts(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+fn conversion_error(idx: usize, e: impl Into<super::BoxError>) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, e.into())
+}
+
+fn parse_ts(idx: usize, s: &str) -> rusqlite::Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| conversion_error(idx, e))
+}
+
+fn parse_oid<T>(idx: usize, s: &str, f: impl Fn(&str) -> Option<T>) -> rusqlite::Result<T> {
+    f(s).ok_or_else(|| conversion_error(idx, format!("not an ObjectId: {s:?}")))
+}
+
+fn json_col<T: serde::de::DeserializeOwned>(row: &Row, idx: usize) -> rusqlite::Result<T> {
+    let s: String = row.get(idx)?;
+    serde_json::from_str(&s).map_err(|e| conversion_error(idx, e))
+}
+
+const TICKET_COLS: &str = "id, title, price, user_id, version, order_id";
+
+fn ticket_from_row(row: &Row) -> rusqlite::Result<Ticket> {
+    let id: String = row.get(0)?;
+    Ok(Ticket {
+        id: parse_oid(0, &id, TicketId::parse)?,
+        title: row.get(1)?,
+        price: row.get(2)?,
+        user_id: row.get(3)?,
+        version: row.get(4)?,
+        order_id: row.get(5)?,
+    })
+}
+
+fn event_from_row(row: &Row) -> rusqlite::Result<OutboxEvent> {
+    let id: String = row.get(0)?;
+    let subject: String = row.get(1)?;
+    let aggregate: String = row.get(3)?;
+    let locked_until: String = row.get(6)?;
+    let created_at: String = row.get(10)?;
+    let alerted_at: Option<String> = row.get(11)?;
+    Ok(OutboxEvent {
+        id: parse_oid(0, &id, EventId::parse)?,
+        subject: Subject::parse(&subject)
+            .ok_or_else(|| conversion_error(1, format!("unknown subject {subject:?}")))?,
+        data: json_col(row, 2)?,
+        aggregate_id: parse_oid(3, &aggregate, TicketId::parse)?,
+        version: row.get(4)?,
+        is_locked: row.get(5)?,
+        locked_until: parse_ts(6, &locked_until)?,
+        locked_by: row.get(7)?,
+        failures: json_col(row, 8)?,
+        attempts: row.get(9)?,
+        created_at: parse_ts(10, &created_at)?,
+        alerted_at: alerted_at.map(|s| parse_ts(11, &s)).transpose()?,
+    })
+}
+
+fn alert_from_row(row: &Row) -> rusqlite::Result<Alert> {
+    let kind: String = row.get(1)?;
+    let created_at: String = row.get(3)?;
+    Ok(Alert {
+        id: row.get(0)?,
+        kind: match kind.as_str() {
+            "firing" => AlertKind::Firing,
+            "resolved" => AlertKind::Resolved,
+            other => return Err(conversion_error(1, format!("unknown alert kind {other:?}"))),
+        },
+        event: json_col(row, 2)?,
+        created_at: parse_ts(3, &created_at)?,
+        attempts: row.get(4)?,
+    })
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
+    serde_json::to_string(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+fn insert_event(conn: &Connection, e: &OutboxEvent) -> rusqlite::Result<()> {
+    conn.execute(
+        &format!("INSERT INTO events ({EVENT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"),
+        params![
+            e.id.to_hex(),
+            e.subject.as_str(),
+            to_json(&e.data)?,
+            e.aggregate_id.to_hex(),
+            e.version,
+            e.is_locked,
+            ts(e.locked_until),
+            e.locked_by,
+            to_json(&e.failures)?,
+            e.attempts,
+            ts(e.created_at),
+            e.alerted_at.map(ts),
+        ],
+    )?;
+    Ok(())
+}
+
+fn queue_alert(conn: &Connection, alert: &Alert) -> rusqlite::Result<()> {
+    let kind = match alert.kind {
+        AlertKind::Firing => "firing",
+        AlertKind::Resolved => "resolved",
+    };
+    conn.execute(
+        "INSERT OR IGNORE INTO alerts (id, kind, event, created_at, attempts, locked_until) \
+         VALUES (?1, ?2, ?3, ?4, 0, ?4)",
+        params![alert.id, kind, to_json(&alert.event)?, ts(alert.created_at)],
+    )?;
+    Ok(())
+}
+
+fn select_event(conn: &Connection, id: EventId) -> rusqlite::Result<Option<OutboxEvent>> {
+    conn.query_row(
+        &format!("SELECT {EVENT_COLS} FROM events WHERE id = ?1"),
+        [id.to_hex()],
+        event_from_row,
+    )
+    .optional()
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    fn kind(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.read("ping", |c| c.query_row("SELECT 1", [], |_| Ok(())))
+            .await
+    }
+
+    async fn create_ticket(&self, new: &NewTicket) -> Result<Ticket, StoreError> {
+        let new = new.clone();
+        let ticket = self
+            .write("create_ticket", move |conn, opts| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                // The event is built from the row as stored (RETURNING), never from the request.
+                let stored = tx.query_row(
+                    &format!(
+                        "INSERT INTO tickets ({TICKET_COLS}) VALUES (?1, ?2, ?3, ?4, 0, NULL) \
+                         RETURNING {TICKET_COLS}"
+                    ),
+                    params![
+                        TicketId::new().to_hex(),
+                        new.title.as_str(),
+                        new.price.value(),
+                        new.user_id.as_str()
+                    ],
+                    ticket_from_row,
+                )?;
+                if opts.write_outbox {
+                    let event = OutboxEvent::for_ticket(
+                        Subject::TicketCreated,
+                        &stored,
+                        Utc::now(),
+                        chrono::Duration::from_std(opts.fresh_lock).unwrap_or_default(),
+                    );
+                    insert_event(&tx, &event)?;
+                }
+                tx.commit()?;
+                Ok(stored)
+            })
+            .await?;
+        self.inner.committed.notify_one();
+        Ok(ticket)
+    }
+
+    async fn get_ticket(&self, id: TicketId) -> Result<Option<Ticket>, StoreError> {
+        self.read("get_ticket", move |c| {
+            c.query_row(
+                &format!("SELECT {TICKET_COLS} FROM tickets WHERE id = ?1"),
+                [id.to_hex()],
+                ticket_from_row,
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn list_unreserved(&self, page: Page) -> Result<Vec<Ticket>, StoreError> {
+        self.read("list_unreserved", move |c| {
+            let after = page.after.map(|a| a.to_hex()).unwrap_or_default();
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {TICKET_COLS} FROM tickets WHERE order_id IS NULL AND id > ?1 \
+                 ORDER BY id LIMIT ?2"
+            ))?;
+            stmt.query_map(params![after, page.limit], ticket_from_row)?
+                .collect()
+        })
+        .await
+    }
+
+    async fn update_ticket(
+        &self,
+        id: TicketId,
+        expected_version: i64,
+        changes: &TicketChanges,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let changes = changes.clone();
+        let outcome = self
+            .write("update_ticket", move |conn, opts| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                let stored = tx
+                    .query_row(
+                        &format!(
+                            "UPDATE tickets SET title = ?1, price = ?2, version = version + 1 \
+                             WHERE id = ?3 AND version = ?4 RETURNING {TICKET_COLS}"
+                        ),
+                        params![
+                            changes.title.as_str(),
+                            changes.price.value(),
+                            id.to_hex(),
+                            expected_version
+                        ],
+                        ticket_from_row,
+                    )
+                    .optional()?;
+                let Some(stored) = stored else {
+                    let exists = tx
+                        .query_row("SELECT 1 FROM tickets WHERE id = ?1", [id.to_hex()], |_| {
+                            Ok(())
+                        })
+                        .optional()?
+                        .is_some();
+                    return Ok(if exists {
+                        UpdateOutcome::Conflict
+                    } else {
+                        UpdateOutcome::NotFound
+                    });
+                };
+                if opts.write_outbox {
+                    let event = OutboxEvent::for_ticket(
+                        Subject::TicketUpdated,
+                        &stored,
+                        Utc::now(),
+                        chrono::Duration::from_std(opts.fresh_lock).unwrap_or_default(),
+                    );
+                    insert_event(&tx, &event)?;
+                }
+                tx.commit()?;
+                Ok(UpdateOutcome::Updated(stored))
+            })
+            .await?;
+        if matches!(outcome, UpdateOutcome::Updated(_)) {
+            self.inner.committed.notify_one();
+        }
+        Ok(outcome)
+    }
+
+    async fn claim_fresh(
+        &self,
+        ids: &[EventId],
+        lease: &Lease,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let ids = ids.to_vec();
+        let lease = lease.clone();
+        self.write("claim_fresh", move |conn, _| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut claimed = Vec::with_capacity(ids.len());
+            {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "UPDATE events SET locked_by = ?1, locked_until = ?2 \
+                     WHERE id = ?3 AND is_locked = 1 AND locked_by IS NULL RETURNING {EVENT_COLS}"
+                ))?;
+                for id in ids {
+                    let row = stmt
+                        .query_row(
+                            params![lease.token, ts(lease.until), id.to_hex()],
+                            event_from_row,
+                        )
+                        .optional()?;
+                    claimed.extend(row);
+                }
+            }
+            tx.commit()?;
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn claim_due(
+        &self,
+        limit: usize,
+        lease: &Lease,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let lease = lease.clone();
+        self.write("claim_due", move |conn, _| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let claimed = {
+                let mut stmt = tx.prepare_cached(&format!(
+                    "UPDATE events SET is_locked = 1, locked_by = ?1, locked_until = ?2 \
+                     WHERE seq IN (SELECT seq FROM events WHERE locked_until <= ?3 \
+                                   ORDER BY locked_until, seq LIMIT ?4) \
+                     RETURNING {EVENT_COLS}"
+                ))?;
+                stmt.query_map(
+                    params![lease.token, ts(lease.until), ts(Utc::now()), limit as i64],
+                    event_from_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            tx.commit()?;
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn pending_versions(
+        &self,
+        aggregates: &[TicketId],
+    ) -> Result<Vec<PendingVersion>, StoreError> {
+        let aggregates = aggregates.to_vec();
+        self.read("pending_versions", move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT version, id FROM events WHERE aggregate_id = ?1 ORDER BY version",
+            )?;
+            let mut out = Vec::new();
+            for aggregate_id in aggregates {
+                let rows = stmt.query_map([aggregate_id.to_hex()], |r| {
+                    let id: String = r.get(1)?;
+                    Ok(PendingVersion {
+                        aggregate_id,
+                        version: r.get(0)?,
+                        event_id: parse_oid(1, &id, EventId::parse)?,
+                    })
+                })?;
+                for row in rows {
+                    out.push(row?);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn complete(&self, ids: &[EventId]) -> Result<(), StoreError> {
+        let ids = ids.to_vec();
+        self.write("complete", move |conn, _| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = Utc::now();
+            for id in ids {
+                if let Some(event) = select_event(&tx, id)? {
+                    if event.alerted_at.is_some() {
+                        queue_alert(&tx, &Alert::new(AlertKind::Resolved, event, now))?;
+                    }
+                    tx.execute("DELETE FROM events WHERE id = ?1", [id.to_hex()])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn release(&self, ids: &[EventId], lease: &Lease) -> Result<(), StoreError> {
+        let ids = ids.to_vec();
+        let token = lease.token.clone();
+        self.write("release", move |conn, _| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "UPDATE events SET is_locked = 0, locked_by = NULL, locked_until = ?1 \
+                     WHERE id = ?2 AND locked_by = ?3",
+                )?;
+                let now = ts(Utc::now());
+                for id in ids {
+                    stmt.execute(params![now, id.to_hex(), token])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    async fn record_failure(
+        &self,
+        ids: &[EventId],
+        lease: &Lease,
+        error: &str,
+        alert_threshold: i64,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let ids = ids.to_vec();
+        let token = lease.token.clone();
+        let error = error.to_owned();
+        self.write("record_failure", move |conn, _| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = Utc::now();
+            let mut alerted = Vec::new();
+            for id in ids {
+                let Some(mut event) = select_event(&tx, id)? else {
+                    continue;
+                };
+                if event.locked_by.as_deref() != Some(token.as_str()) {
+                    continue; // our lease expired and somebody else holds it now
+                }
+                event.failures.push(Failure {
+                    at: now,
+                    error: error.clone(),
+                });
+                let excess = event.failures.len().saturating_sub(FAILURES_KEPT);
+                event.failures.drain(..excess);
+                event.attempts += 1;
+                event.is_locked = false;
+                event.locked_by = None;
+                event.locked_until = now;
+                let alert_now = event.attempts >= alert_threshold && event.alerted_at.is_none();
+                if alert_now {
+                    event.alerted_at = Some(now);
+                }
+                tx.execute(
+                    "UPDATE events SET is_locked = 0, locked_by = NULL, locked_until = ?1, \
+                     failures = ?2, attempts = ?3, alerted_at = ?4 WHERE id = ?5",
+                    params![
+                        ts(now),
+                        to_json(&event.failures)?,
+                        event.attempts,
+                        event.alerted_at.map(ts),
+                        id.to_hex()
+                    ],
+                )?;
+                if alert_now {
+                    queue_alert(&tx, &Alert::new(AlertKind::Firing, event.clone(), now))?;
+                    alerted.push(event);
+                }
+            }
+            tx.commit()?;
+            Ok(alerted)
+        })
+        .await
+    }
+
+    async fn claim_alerts(&self, limit: usize, lease: &Lease) -> Result<Vec<Alert>, StoreError> {
+        let until = ts(lease.until);
+        self.write("claim_alerts", move |conn, _| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let alerts = {
+                let mut stmt = tx.prepare_cached(
+                    "UPDATE alerts SET locked_until = ?1 WHERE id IN \
+                     (SELECT id FROM alerts WHERE locked_until <= ?2 ORDER BY locked_until LIMIT ?3) \
+                     RETURNING id, kind, event, created_at, attempts",
+                )?;
+                stmt.query_map(params![until, ts(Utc::now()), limit as i64], alert_from_row)?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+            };
+            tx.commit()?;
+            Ok(alerts)
+        })
+        .await
+    }
+
+    async fn delete_alert(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.write("delete_alert", move |conn, _| {
+            conn.execute("DELETE FROM alerts WHERE id = ?1", [id])
+                .map(drop)
+        })
+        .await
+    }
+
+    async fn release_alert(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_owned();
+        self.write("release_alert", move |conn, _| {
+            conn.execute(
+                "UPDATE alerts SET attempts = attempts + 1, locked_until = ?1 WHERE id = ?2",
+                params![ts(Utc::now()), id],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn change_feed(&self, from: Option<FeedPosition>) -> Result<ChangeFeed, StoreError> {
+        let start: i64 = match from {
+            Some(p) => p
+                .0
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("bad SQLite feed position {:?}", p.0)))?,
+            // First start: everything still in the outbox gets its first attempt.
+            None => 0,
+        };
+        let store = self.clone();
+        let state = (store, start, VecDeque::<FeedItem>::new());
+        let feed = futures::stream::unfold(state, |(store, mut last, mut buffer)| async move {
+            loop {
+                if let Some(item) = buffer.pop_front() {
+                    return Some((Ok(item), (store, last, buffer)));
+                }
+                let rows = store
+                    .read("change_feed", move |c| {
+                        let mut stmt = c.prepare_cached(
+                            "SELECT seq, id FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                        )?;
+                        stmt.query_map(params![last, FEED_BATCH], |r| {
+                            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+                        })?
+                        .collect::<rusqlite::Result<Vec<_>>>()
+                    })
+                    .await;
+                match rows {
+                    Err(e) => return Some((Err(e), (store, last, buffer))),
+                    Ok(rows) if rows.is_empty() => {
+                        let poll = store.inner.options.feed_poll;
+                        tokio::select! {
+                            _ = store.inner.committed.notified() => {}
+                            _ = tokio::time::sleep(poll) => {}
+                        }
+                    }
+                    Ok(rows) => {
+                        for (seq, id) in rows {
+                            last = seq;
+                            if let Some(event_id) = EventId::parse(&id) {
+                                buffer.push_back(FeedItem {
+                                    event_id,
+                                    position: FeedPosition(seq.to_string()),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(feed))
+    }
+
+    async fn load_feed_position(&self) -> Result<Option<FeedPosition>, StoreError> {
+        self.read("load_feed_position", |c| {
+            c.query_row(
+                "SELECT position FROM feed_positions WHERE name = ?1",
+                [FEED_NAME],
+                |r| r.get(0).map(FeedPosition),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn save_feed_position(&self, position: &FeedPosition) -> Result<(), StoreError> {
+        let position = position.0.clone();
+        self.write("save_feed_position", move |conn, _| {
+            conn.execute(
+                "INSERT INTO feed_positions (name, position) VALUES (?1, ?2) \
+                 ON CONFLICT (name) DO UPDATE SET position = excluded.position",
+                params![FEED_NAME, position],
+            )
+            .map(drop)
+        })
+        .await
+    }
+
+    async fn outbox_stats(&self, alert_threshold: i64) -> Result<OutboxStats, StoreError> {
+        self.read("outbox_stats", move |c| {
+            let now = ts(Utc::now());
+            let (depth, unlocked): (i64, i64) = c.query_row(
+                "SELECT COUNT(*), (SELECT COUNT(*) FROM events WHERE locked_until <= ?1) FROM events",
+                [&now],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let oldest: Option<String> = c
+                .query_row(
+                    "SELECT created_at FROM events ORDER BY seq LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let past: i64 = c.query_row(
+                "SELECT COUNT(*) FROM events WHERE attempts >= ?1",
+                [alert_threshold],
+                |r| r.get(0),
+            )?;
+            let pending_alerts: i64 =
+                c.query_row("SELECT COUNT(*) FROM alerts", [], |r| r.get(0))?;
+            Ok(OutboxStats {
+                depth: depth as u64,
+                locked: (depth - unlocked) as u64,
+                unlocked: unlocked as u64,
+                oldest_created_at: oldest.map(|s| parse_ts(0, &s)).transpose()?,
+                past_alert_threshold: past as u64,
+                pending_alerts: pending_alerts as u64,
+            })
+        })
+        .await
+    }
+
+    async fn get_event(&self, id: EventId) -> Result<Option<OutboxEvent>, StoreError> {
+        self.read("get_event", move |c| select_event(c, id)).await
+    }
+
+    async fn list_events(
+        &self,
+        limit: usize,
+        stuck_threshold: Option<i64>,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        self.read("list_events", move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {EVENT_COLS} FROM events WHERE attempts >= ?1 ORDER BY seq LIMIT ?2"
+            ))?;
+            stmt.query_map(
+                params![stuck_threshold.unwrap_or(0), limit as i64],
+                event_from_row,
+            )?
+            .collect()
+        })
+        .await
+    }
+
+    async fn unlock_events(&self, ids: &[EventId]) -> Result<u64, StoreError> {
+        let ids = ids.to_vec();
+        self.write("unlock_events", move |conn, _| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let mut n = 0;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "UPDATE events SET is_locked = 0, locked_by = NULL, locked_until = ?1 \
+                     WHERE id = ?2",
+                )?;
+                let now = ts(Utc::now());
+                for id in ids {
+                    n += stmt.execute(params![now, id.to_hex()])? as u64;
+                }
+            }
+            tx.commit()?;
+            Ok(n)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn fresh_store() -> Option<(SqliteStore, tempfile::TempDir)> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = SqliteStore::open(dir.path().join("nested/tickets.db"), Default::default())
+            .await
+            .expect("open");
+        Some((store, dir))
+    }
+
+    crate::store_contract_tests!(fresh_store());
+
+    #[tokio::test]
+    async fn reopening_keeps_data_and_does_not_migrate_twice() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, Default::default()).await.expect("open");
+        let created = store
+            .create_ticket(&NewTicket {
+                title: crate::Title::parse(Some(&serde_json::json!("x"))).expect("title"),
+                price: crate::Price::parse(Some(&serde_json::json!(1)), "p").expect("price"),
+                user_id: crate::UserId::parse("u").expect("user"),
+            })
+            .await
+            .expect("create");
+        drop(store);
+        let again = SqliteStore::open(&path, Default::default()).await.expect("reopen");
+        assert_eq!(again.get_ticket(created.id).await.expect("get"), Some(created));
+    }
+
+    #[test]
+    fn timestamps_sort_as_text() {
+        let a = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.006Z").expect("t");
+        let b = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.100Z").expect("t");
+        let (a, b) = (ts(a.with_timezone(&Utc)), ts(b.with_timezone(&Utc)));
+        assert_eq!(a, "2026-01-02T03:04:05.006Z");
+        assert!(a < b);
+    }
+}

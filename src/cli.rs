@@ -1,0 +1,91 @@
+//! The command line: `ticketing <role>`. Each subcommand is a thin call into a library function.
+
+use crate::settings::{HttpSettings, StoreSettings, require_jwt_key};
+use crate::startup::{Application, cancel_on_signal, open_store};
+use crate::telemetry;
+use clap::{Args, Parser, Subcommand};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ticketing",
+    version,
+    about = "The tickets service: an HTTP API whose every ticket change reaches NATS JetStream \
+             through a transactional outbox.",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API.
+    Api(ApiArgs),
+    /// Run every role in one process (the embedded default). For now: the HTTP API.
+    All(ApiArgs),
+    /// Print a JWT signed with JWT_KEY and the cookie header that carries it, to call the API
+    /// without the auth service.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    #[command(flatten)]
+    pub http: HttpSettings,
+    #[command(flatten)]
+    pub store: StoreSettings,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The `id` claim: the user the token signs in.
+    #[arg(long)]
+    pub user_id: String,
+    /// The `email` claim.
+    #[arg(long)]
+    pub email: String,
+    /// Secret that signs the token (the API's JWT_KEY). Required.
+    #[arg(long, env = "JWT_KEY", hide_env_values = true)]
+    pub jwt_key: Option<String>,
+}
+
+/// Runs the command; logs the error with its cause chain and exits non-zero on failure.
+pub async fn run(cli: Cli) -> ExitCode {
+    telemetry::init();
+    let result = match cli.command {
+        Command::Api(args) | Command::All(args) => serve_api(args).await,
+        Command::Token(args) => print_token(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %telemetry::cause_chain(&e), "exiting");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub async fn serve_api(args: ApiArgs) -> anyhow::Result<()> {
+    let jwt_key = require_jwt_key(&args.http.jwt_key)?;
+    let store = open_store(&args.store).await?;
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.http.port));
+    let app = Application::build(addr, store, &jwt_key).await?;
+    app.run_until_stopped(shutdown).await
+}
+
+pub fn print_token(args: TokenArgs) -> anyhow::Result<()> {
+    let jwt_key = require_jwt_key(&args.jwt_key)?;
+    let user = common::UserId::parse(&args.user_id)
+        .ok_or_else(|| anyhow::anyhow!("--user-id must not be empty"))?;
+    let jwt = api::JwtKey::new(&jwt_key).sign(user.as_str(), &args.email)?;
+    println!("{jwt}");
+    println!("Cookie: session={}", api::auth::session_cookie_value(&jwt));
+    Ok(())
+}

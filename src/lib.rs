@@ -1,0 +1,6 @@
+//! The `ticketing` binary's library: command line, start-up of each role, telemetry.
+
+pub mod cli;
+pub mod settings;
+pub mod startup;
+pub mod telemetry;
