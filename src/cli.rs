@@ -4,6 +4,7 @@ use crate::settings::{HttpSettings, StoreSettings, require_jwt_key};
 use crate::startup::{Application, cancel_on_signal, open_store};
 use crate::telemetry;
 use clap::{Args, Parser, Subcommand};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -63,8 +64,8 @@ pub async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %telemetry::cause_chain(&e), "exiting");
-            eprintln!("error: {e:#}");
+            // `{:#}` prints the cause chain: "opening the SQLite store x: unable to open ...".
+            eprintln!("error: {}", telemetry::cause_chain(&e));
             ExitCode::FAILURE
         }
     }
@@ -85,7 +86,9 @@ pub fn print_token(args: TokenArgs) -> anyhow::Result<()> {
     let user = common::UserId::parse(&args.user_id)
         .ok_or_else(|| anyhow::anyhow!("--user-id must not be empty"))?;
     let jwt = api::JwtKey::new(&jwt_key).sign(user.as_str(), &args.email)?;
-    println!("{jwt}");
-    println!("Cookie: session={}", api::auth::session_cookie_value(&jwt));
+    let cookie = api::auth::session_cookie_value(&jwt);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{jwt}")?;
+    writeln!(out, "Cookie: session={cookie}")?;
     Ok(())
 }

@@ -30,7 +30,12 @@ pub async fn open_store(settings: &StoreSettings) -> anyhow::Result<Arc<dyn Stor
     };
     let store = SqliteStore::open(&settings.sqlite_path, options)
         .await
-        .with_context(|| format!("opening the SQLite store {}", settings.sqlite_path.display()))?;
+        .with_context(|| {
+            format!(
+                "opening the SQLite store {}",
+                settings.sqlite_path.display()
+            )
+        })?;
     tracing::info!(path = %settings.sqlite_path.display(), "using the embedded SQLite store");
     Ok(Arc::new(store))
 }
@@ -42,7 +47,11 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(addr: SocketAddr, store: Arc<dyn Store>, jwt_key: &str) -> anyhow::Result<Self> {
+    pub async fn build(
+        addr: SocketAddr,
+        store: Arc<dyn Store>,
+        jwt_key: &str,
+    ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the HTTP port {addr}"))?;

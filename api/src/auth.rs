@@ -54,7 +54,8 @@ impl JwtKey {
 
     /// The user a token proves, or `None` when it does not verify.
     pub fn verify(&self, token: &str) -> Option<UserId> {
-        let data = jsonwebtoken::decode::<Claims>(token, &self.0.decoding, &self.0.validation).ok()?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &self.0.decoding, &self.0.validation).ok()?;
         UserId::parse(&data.claims.id)
     }
 
@@ -111,7 +112,9 @@ fn jwt_from_session_cookie(value: &str) -> Option<String> {
     let bytes = [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
         .iter()
         .find_map(|engine| engine.decode(value).ok())?;
-    serde_json::from_slice::<SessionCookie>(&bytes).ok().map(|s| s.jwt)
+    serde_json::from_slice::<SessionCookie>(&bytes)
+        .ok()
+        .map(|s| s.jwt)
 }
 
 /// A signed-in user; rejects with 401 "Not authorized" otherwise.
@@ -123,7 +126,10 @@ pub struct MaybeAuthUser(pub Option<UserId>);
 impl FromRequestParts<ApiContext> for MaybeAuthUser {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, ctx: &ApiContext) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ctx: &ApiContext,
+    ) -> Result<Self, Self::Rejection> {
         Ok(Self(ctx.jwt.user_from_headers(&parts.headers)))
     }
 }
@@ -131,7 +137,10 @@ impl FromRequestParts<ApiContext> for MaybeAuthUser {
 impl FromRequestParts<ApiContext> for AuthUser {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, ctx: &ApiContext) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        ctx: &ApiContext,
+    ) -> Result<Self, Self::Rejection> {
         ctx.jwt
             .user_from_headers(&parts.headers)
             .map(Self)
@@ -158,9 +167,15 @@ mod tests {
         let user = key.user_from_headers(&headers(header::COOKIE, &cookie));
         assert_eq!(user.expect("signed in").as_str(), "user-1");
         let old = format!("express:sess={}", session_cookie_value(&jwt));
-        assert!(key.user_from_headers(&headers(header::COOKIE, &old)).is_some());
+        assert!(
+            key.user_from_headers(&headers(header::COOKIE, &old))
+                .is_some()
+        );
         let bearer = format!("Bearer {jwt}");
-        assert!(key.user_from_headers(&headers(header::AUTHORIZATION, &bearer)).is_some());
+        assert!(
+            key.user_from_headers(&headers(header::AUTHORIZATION, &bearer))
+                .is_some()
+        );
     }
 
     #[test]
@@ -178,20 +193,34 @@ mod tests {
         // HS512 with the right secret is still another algorithm.
         let hs512 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS512),
-            &Claims { id: "u".into(), email: None, iat: None, exp: None },
+            &Claims {
+                id: "u".into(),
+                email: None,
+                iat: None,
+                exp: None,
+            },
             &EncodingKey::from_secret(b"secret"),
         )
         .expect("sign");
         assert!(key.verify(&hs512).is_none(), "HS512");
         let expired = jsonwebtoken::encode(
             &Header::new(Algorithm::HS256),
-            &Claims { id: "u".into(), email: None, iat: None, exp: Some(chrono_now() - 10) },
+            &Claims {
+                id: "u".into(),
+                email: None,
+                iat: None,
+                exp: Some(chrono_now() - 10),
+            },
             &EncodingKey::from_secret(b"secret"),
         )
         .expect("sign");
         assert!(key.verify(&expired).is_none(), "expired");
         for cookie in ["session=%%%", "session=", "session=bm90IGpzb24=", "session"] {
-            assert!(key.user_from_headers(&headers(header::COOKIE, cookie)).is_none(), "{cookie}");
+            assert!(
+                key.user_from_headers(&headers(header::COOKIE, cookie))
+                    .is_none(),
+                "{cookie}"
+            );
         }
     }
 }

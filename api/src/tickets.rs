@@ -30,13 +30,19 @@ pub fn router() -> Router<ApiContext> {
 }
 
 /// Parses `{title, price}`, reporting every invalid field at once.
-fn parse_fields(body: &Map<String, Value>, price_message: &str) -> Result<(Title, Price), ApiError> {
+fn parse_fields(
+    body: &Map<String, Value>,
+    price_message: &str,
+) -> Result<(Title, Price), ApiError> {
     let title = Title::parse(body.get("title"));
     let price = Price::parse(body.get("price"), price_message);
     match (title, price) {
         (Ok(t), Ok(p)) => Ok((t, p)),
         (t, p) => Err(ApiError::Validation(
-            [t.err(), p.err()].into_iter().flatten().collect::<Vec<ValidationError>>(),
+            [t.err(), p.err()]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<ValidationError>>(),
         )),
     }
 }
@@ -98,7 +104,11 @@ async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<Ticket>, ApiError> {
     let id = TicketId::parse(&id).ok_or(ApiError::NotFound)?;
-    ctx.store.get_ticket(id).await?.map(Json).ok_or(ApiError::NotFound)
+    ctx.store
+        .get_ticket(id)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound)
 }
 
 /// Checks in the contract's order: signed in (extractor), body, exists, not reserved, owner.
@@ -121,7 +131,11 @@ async fn update(
         if current.user_id != user_id.as_str() {
             return Err(ApiError::Unauthorized);
         }
-        match ctx.store.update_ticket(id, current.version, &changes).await? {
+        match ctx
+            .store
+            .update_ticket(id, current.version, &changes)
+            .await?
+        {
             UpdateOutcome::Updated(ticket) => {
                 tracing::info!(ticket.id = %ticket.id, version = ticket.version, "ticket updated");
                 return Ok(Json(ticket));
@@ -161,8 +175,13 @@ mod tests {
     async fn call(app: &Router, req: Request<Body>) -> (StatusCode, Value) {
         let res = app.clone().oneshot(req).await.expect("response");
         let status = res.status();
-        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.expect("body");
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        let bytes = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     fn post(jwt: Option<&str>, content_type: &str, body: &str) -> Request<Body> {
@@ -177,14 +196,26 @@ mod tests {
     async fn create_then_show() {
         let (app, jwt, _dir) = app().await;
         let token = jwt.sign("u1", "e").expect("sign");
-        let (status, body) =
-            call(&app, post(Some(&token), "application/json", r#"{"title":"t","price":"20.00"}"#)).await;
+        let (status, body) = call(
+            &app,
+            post(
+                Some(&token),
+                "application/json",
+                r#"{"title":"t","price":"20.00"}"#,
+            ),
+        )
+        .await;
         assert_eq!(status, StatusCode::CREATED);
         assert_eq!(body["price"], serde_json::json!(20.0));
         assert_eq!(body["version"], 0);
         let id = body["id"].as_str().expect("id");
-        let (status, shown) =
-            call(&app, Request::get(format!("/api/tickets/{id}")).body(Body::empty()).expect("r")).await;
+        let (status, shown) = call(
+            &app,
+            Request::get(format!("/api/tickets/{id}"))
+                .body(Body::empty())
+                .expect("r"),
+        )
+        .await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(shown, body);
     }
@@ -194,17 +225,46 @@ mod tests {
         let (app, jwt, _dir) = app().await;
         let token = jwt.sign("u1", "e").expect("sign");
         let cases = [
-            (post(None, "application/json", "{}"), StatusCode::UNAUTHORIZED),
-            (post(Some(&token), "text/plain", "{}"), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-            (post(Some(&token), "application/json", "{not json"), StatusCode::BAD_REQUEST),
-            (post(Some(&token), "application/json", "[1]"), StatusCode::BAD_REQUEST),
             (
-                post(Some(&token), "application/json", &format!(r#"{{"title":"{}","price":1}}"#, "x".repeat(20_000))),
+                post(None, "application/json", "{}"),
+                StatusCode::UNAUTHORIZED,
+            ),
+            (
+                post(Some(&token), "text/plain", "{}"),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
+            (
+                post(Some(&token), "application/json", "{not json"),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                post(Some(&token), "application/json", "[1]"),
+                StatusCode::BAD_REQUEST,
+            ),
+            (
+                post(
+                    Some(&token),
+                    "application/json",
+                    &format!(r#"{{"title":"{}","price":1}}"#, "x".repeat(20_000)),
+                ),
                 StatusCode::PAYLOAD_TOO_LARGE,
             ),
-            (Request::get("/nope").body(Body::empty()).expect("r"), StatusCode::NOT_FOUND),
-            (Request::delete("/api/tickets").body(Body::empty()).expect("r"), StatusCode::METHOD_NOT_ALLOWED),
-            (Request::get("/api/tickets?limit=0").body(Body::empty()).expect("r"), StatusCode::BAD_REQUEST),
+            (
+                Request::get("/nope").body(Body::empty()).expect("r"),
+                StatusCode::NOT_FOUND,
+            ),
+            (
+                Request::delete("/api/tickets")
+                    .body(Body::empty())
+                    .expect("r"),
+                StatusCode::METHOD_NOT_ALLOWED,
+            ),
+            (
+                Request::get("/api/tickets?limit=0")
+                    .body(Body::empty())
+                    .expect("r"),
+                StatusCode::BAD_REQUEST,
+            ),
         ];
         for (req, want) in cases {
             let what = format!("{} {}", req.method(), req.uri());

@@ -319,10 +319,24 @@ mod tests {
 
     #[test]
     fn price_accepts_numbers_and_numeric_strings() {
-        assert_eq!(Price::parse(Some(&json!(20)), CREATE).unwrap().value(), 20.0);
-        assert_eq!(Price::parse(Some(&json!("20.00")), CREATE).unwrap().value(), 20.0);
-        assert_eq!(Price::parse(Some(&json!(" 0.5 ")), CREATE).unwrap().value(), 0.5);
-        assert_eq!(Price::parse(Some(&json!(PRICE_MAX)), CREATE).unwrap().value(), PRICE_MAX);
+        assert_eq!(
+            Price::parse(Some(&json!(20)), CREATE).unwrap().value(),
+            20.0
+        );
+        assert_eq!(
+            Price::parse(Some(&json!("20.00")), CREATE).unwrap().value(),
+            20.0
+        );
+        assert_eq!(
+            Price::parse(Some(&json!(" 0.5 ")), CREATE).unwrap().value(),
+            0.5
+        );
+        assert_eq!(
+            Price::parse(Some(&json!(PRICE_MAX)), CREATE)
+                .unwrap()
+                .value(),
+            PRICE_MAX
+        );
     }
 
     #[test]

@@ -86,7 +86,13 @@ pub async fn create_writes_ticket_and_fresh_event(store: &dyn Store) {
     assert!(e.is_locked && e.locked_by.is_none());
     assert!(e.locked_until > chrono::Utc::now());
     assert_eq!((e.attempts, e.failures.len()), (0, 0));
-    assert!(store.get_ticket(TicketId::new()).await.expect("get").is_none());
+    assert!(
+        store
+            .get_ticket(TicketId::new())
+            .await
+            .expect("get")
+            .is_none()
+    );
 }
 
 pub async fn update_writes_event_from_stored_row(store: &dyn Store) {
@@ -181,7 +187,13 @@ pub async fn sweep_claims_only_unlocked_or_expired(store: &dyn Store) {
     }
     let events = store.list_events(10, None).await.expect("list");
     // Fresh events are reserved for the change feed: nothing is due.
-    assert!(store.claim_due(10, &lease("s")).await.expect("due").is_empty());
+    assert!(
+        store
+            .claim_due(10, &lease("s"))
+            .await
+            .expect("due")
+            .is_empty()
+    );
     // One fails (unlocked), one is held by a feed whose lease already expired, one stays held.
     let dead = expired_lease("dead-worker");
     let held = store.claim_fresh(&[events[0].id], &dead).await.expect("c");
@@ -205,9 +217,18 @@ pub async fn sweep_claims_only_unlocked_or_expired(store: &dyn Store) {
     let mut want = vec![events[0].id, events[1].id];
     want.sort();
     assert_eq!(due.iter().map(|e| e.id).collect::<Vec<_>>(), want);
-    assert!(due.iter().all(|e| e.is_locked && e.locked_by.as_deref() == Some(&sweeper.token)));
+    assert!(
+        due.iter()
+            .all(|e| e.is_locked && e.locked_by.as_deref() == Some(&sweeper.token))
+    );
     // Claimed once: a concurrent sweeper finds nothing.
-    assert!(store.claim_due(10, &lease("other")).await.expect("due").is_empty());
+    assert!(
+        store
+            .claim_due(10, &lease("other"))
+            .await
+            .expect("due")
+            .is_empty()
+    );
 }
 
 pub async fn failures_unlock_keep_last_ten_and_alert_once(store: &dyn Store) {
@@ -251,7 +272,10 @@ pub async fn failures_unlock_keep_last_ten_and_alert_once(store: &dyn Store) {
         .await
         .expect("fail");
     assert!(stale.is_empty());
-    assert_eq!(store.get_event(id).await.expect("get").expect("e").attempts, 12);
+    assert_eq!(
+        store.get_event(id).await.expect("get").expect("e").attempts,
+        12
+    );
     let alerts = store.claim_alerts(10, &lease("a")).await.expect("alerts");
     assert_eq!(alerts.len(), 1);
     assert_eq!(alerts[0].kind, AlertKind::Firing);
@@ -282,7 +306,11 @@ pub async fn complete_deletes_and_resolves_alerted(store: &dyn Store) {
     store.complete(&[quiet, alerted]).await.expect("complete");
     assert!(store.list_events(10, None).await.expect("list").is_empty());
     let resolved = store.claim_alerts(10, &lease("a")).await.expect("alerts");
-    assert_eq!(resolved.len(), 1, "one resolved alert, for the alerted event only");
+    assert_eq!(
+        resolved.len(),
+        1,
+        "one resolved alert, for the alerted event only"
+    );
     assert_eq!(resolved[0].kind, AlertKind::Resolved);
     assert_eq!(resolved[0].event.id, alerted);
     // Completing again (a re-delivered duplicate) is harmless.
@@ -303,7 +331,10 @@ pub async fn release_needs_the_lease(store: &dyn Store) {
     let e = store.get_event(id).await.expect("g").expect("e");
     assert!(!e.is_locked && e.locked_by.is_none());
     assert_eq!(e.attempts, 0, "waiting is not a failure");
-    assert_eq!(store.claim_due(10, &lease("s")).await.expect("due").len(), 1);
+    assert_eq!(
+        store.claim_due(10, &lease("s")).await.expect("due").len(),
+        1
+    );
 }
 
 pub async fn pending_versions_lists_the_outbox_per_ticket(store: &dyn Store) {
@@ -320,7 +351,10 @@ pub async fn pending_versions_lists_the_outbox_per_ticket(store: &dyn Store) {
         .await
         .expect("create");
     let pending = store.pending_versions(&[t.id]).await.expect("pending");
-    assert_eq!(pending.iter().map(|p| p.version).collect::<Vec<_>>(), [0, 1]);
+    assert_eq!(
+        pending.iter().map(|p| p.version).collect::<Vec<_>>(),
+        [0, 1]
+    );
     assert!(pending.iter().all(|p| p.aggregate_id == t.id));
     let first = pending[0].event_id;
     store.complete(&[first]).await.expect("complete");
@@ -358,7 +392,10 @@ pub async fn change_feed_sees_commits_in_order(store: &dyn Store) {
     assert_eq!(seen, created);
     let last = last.expect("a position");
     store.save_feed_position(&last).await.expect("save");
-    assert_eq!(store.load_feed_position().await.expect("load"), Some(last.clone()));
+    assert_eq!(
+        store.load_feed_position().await.expect("load"),
+        Some(last.clone())
+    );
     // Resuming from the saved position yields only what came after it.
     drop(feed);
     store
@@ -415,8 +452,14 @@ pub async fn stats_and_operator_commands(store: &dyn Store) {
     assert_eq!(stats.pending_alerts, 1);
     assert_eq!(stats.oldest_created_at, Some(events[0].created_at));
     let stuck = store.list_events(10, Some(1)).await.expect("list");
-    assert_eq!(stuck.iter().map(|e| e.id).collect::<Vec<_>>(), [events[0].id]);
+    assert_eq!(
+        stuck.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [events[0].id]
+    );
     // Operator retry: unlock a fresh event now so the next sweep takes it.
     assert_eq!(store.unlock_events(&[events[1].id]).await.expect("u"), 1);
-    assert_eq!(store.claim_due(10, &lease("s")).await.expect("due").len(), 2);
+    assert_eq!(
+        store.claim_due(10, &lease("s")).await.expect("due").len(),
+        2
+    );
 }

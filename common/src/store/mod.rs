@@ -181,8 +181,7 @@ pub trait Store: Send + Sync + 'static {
 
     /// The sweep: locks up to `limit` events that are unlocked or whose lock expired, the longest
     /// waiting first. One indexed range query, whatever the size of the outbox.
-    async fn claim_due(&self, limit: usize, lease: &Lease)
-    -> Result<Vec<OutboxEvent>, StoreError>;
+    async fn claim_due(&self, limit: usize, lease: &Lease) -> Result<Vec<OutboxEvent>, StoreError>;
 
     /// Every event still in the outbox for these tickets (for the per-ticket order rule).
     async fn pending_versions(

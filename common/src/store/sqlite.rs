@@ -4,8 +4,8 @@
 //! Another process on the same file (a separate `ticketing worker`) waits on `busy_timeout`.
 
 use super::{
-    Alert, AlertKind, ChangeFeed, FeedItem, FeedPosition, Lease, OutboxStats, Page,
-    PendingVersion, Store, StoreError, UpdateOutcome,
+    Alert, AlertKind, ChangeFeed, FeedItem, FeedPosition, Lease, OutboxStats, Page, PendingVersion,
+    Store, StoreError, UpdateOutcome,
 };
 use crate::domain::{
     EventId, FAILURES_KEPT, Failure, NewTicket, OutboxEvent, Subject, Ticket, TicketChanges,
@@ -239,7 +239,9 @@ fn to_json<T: serde::Serialize>(v: &T) -> rusqlite::Result<String> {
 
 fn insert_event(conn: &Connection, e: &OutboxEvent) -> rusqlite::Result<()> {
     conn.execute(
-        &format!("INSERT INTO events ({EVENT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"),
+        &format!(
+            "INSERT INTO events ({EVENT_COLS}) VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
+        ),
         params![
             e.id.to_hex(),
             e.subject.as_str(),
@@ -440,11 +442,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_due(
-        &self,
-        limit: usize,
-        lease: &Lease,
-    ) -> Result<Vec<OutboxEvent>, StoreError> {
+    async fn claim_due(&self, limit: usize, lease: &Lease) -> Result<Vec<OutboxEvent>, StoreError> {
         let lease = lease.clone();
         self.write("claim_due", move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -804,7 +802,9 @@ mod tests {
     async fn reopening_keeps_data_and_does_not_migrate_twice() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("t.db");
-        let store = SqliteStore::open(&path, Default::default()).await.expect("open");
+        let store = SqliteStore::open(&path, Default::default())
+            .await
+            .expect("open");
         let created = store
             .create_ticket(&NewTicket {
                 title: crate::Title::parse(Some(&serde_json::json!("x"))).expect("title"),
@@ -814,8 +814,13 @@ mod tests {
             .await
             .expect("create");
         drop(store);
-        let again = SqliteStore::open(&path, Default::default()).await.expect("reopen");
-        assert_eq!(again.get_ticket(created.id).await.expect("get"), Some(created));
+        let again = SqliteStore::open(&path, Default::default())
+            .await
+            .expect("reopen");
+        assert_eq!(
+            again.get_ticket(created.id).await.expect("get"),
+            Some(created)
+        );
     }
 
     #[test]
