@@ -1,6 +1,8 @@
 //! The command line: `ticketing <role>`. Each subcommand is a thin call into a library function.
 
-use crate::settings::{HttpSettings, StoreSettings, require_jwt_key};
+use crate::settings::{
+    DeliverySettings, HttpSettings, RedisSettings, ScheduleSettings, StoreSettings, require_jwt_key,
+};
 use crate::startup::{Application, cancel_on_signal, open_store};
 use crate::telemetry;
 use clap::{Args, Parser, Subcommand};
@@ -26,8 +28,14 @@ pub struct Cli {
 pub enum Command {
     /// Serve the HTTP API.
     Api(ApiArgs),
-    /// Run every role in one process (the embedded default). For now: the HTTP API.
-    All(ApiArgs),
+    /// Run every role in one process, without Redis: the HTTP API, the change-feed consumer and
+    /// the retry sweep on the in-process cron schedule. The embedded default.
+    All(AllArgs),
+    /// Deliver the outbox: the change-feed consumer (first attempts) and the worker of the
+    /// RetryPublishingNATSEvents jobs queued in Redis.
+    Worker(WorkerArgs),
+    /// Push one RetryPublishingNATSEvents job per RETRY_SCHEDULE tick into Redis.
+    Scheduler(SchedulerArgs),
     /// Print a JWT signed with JWT_KEY and the cookie header that carries it, to call the API
     /// without the auth service.
     Token(TokenArgs),
@@ -39,6 +47,39 @@ pub struct ApiArgs {
     pub http: HttpSettings,
     #[command(flatten)]
     pub store: StoreSettings,
+}
+
+#[derive(Debug, Args)]
+pub struct AllArgs {
+    #[command(flatten)]
+    pub http: HttpSettings,
+    #[command(flatten)]
+    pub store: StoreSettings,
+    #[command(flatten)]
+    pub delivery: DeliverySettings,
+    #[command(flatten)]
+    pub schedule: ScheduleSettings,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub store: StoreSettings,
+    #[command(flatten)]
+    pub delivery: DeliverySettings,
+    #[command(flatten)]
+    pub redis: RedisSettings,
+}
+
+#[derive(Debug, Args)]
+pub struct SchedulerArgs {
+    #[command(flatten)]
+    pub schedule: ScheduleSettings,
+    #[command(flatten)]
+    pub redis: RedisSettings,
+    /// Name of this scheduler in logs and in apalis' worker registry. Default: host name and pid.
+    #[arg(long, env = "NATS_CLIENT_ID")]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -58,7 +99,10 @@ pub struct TokenArgs {
 pub async fn run(cli: Cli) -> ExitCode {
     telemetry::init();
     let result = match cli.command {
-        Command::Api(args) | Command::All(args) => serve_api(args).await,
+        Command::Api(args) => serve_api(args).await,
+        Command::All(args) => serve_all(args).await,
+        Command::Worker(args) => serve_worker(args).await,
+        Command::Scheduler(args) => serve_scheduler(args).await,
         Command::Token(args) => print_token(args),
     };
     match result {
@@ -74,11 +118,54 @@ pub async fn run(cli: Cli) -> ExitCode {
 pub async fn serve_api(args: ApiArgs) -> anyhow::Result<()> {
     let jwt_key = require_jwt_key(&args.http.jwt_key)?;
     let store = open_store(&args.store).await?;
-    let shutdown = CancellationToken::new();
-    cancel_on_signal(shutdown.clone());
+    let shutdown = shutdown_on_signal();
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.http.port));
     let app = Application::build(addr, store, &jwt_key).await?;
     app.run_until_stopped(shutdown).await
+}
+
+fn shutdown_on_signal() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    cancel_on_signal(shutdown.clone());
+    shutdown
+}
+
+pub async fn serve_all(args: AllArgs) -> anyhow::Result<()> {
+    let jwt_key = require_jwt_key(&args.http.jwt_key)?;
+    let schedule = scheduler::parse_schedule(&args.schedule.retry_schedule)?;
+    let store = open_store(&args.store).await?;
+    let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.http.port));
+    crate::startup::run_all(
+        addr,
+        &jwt_key,
+        store,
+        &args.delivery,
+        schedule,
+        args.store.lease(),
+        shutdown_on_signal(),
+    )
+    .await
+}
+
+pub async fn serve_worker(args: WorkerArgs) -> anyhow::Result<()> {
+    let store = open_store(&args.store).await?;
+    crate::startup::run_worker(
+        store,
+        &args.delivery,
+        args.redis.redis_url,
+        args.store.lease(),
+        shutdown_on_signal(),
+    )
+    .await
+}
+
+pub async fn serve_scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
+    let schedule = scheduler::parse_schedule(&args.schedule.retry_schedule)?;
+    let name = args.name.unwrap_or_else(|| {
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        format!("scheduler-{host}-{}", std::process::id())
+    });
+    scheduler::run(&args.redis.redis_url, schedule, &name, shutdown_on_signal()).await
 }
 
 pub fn print_token(args: TokenArgs) -> anyhow::Result<()> {

@@ -41,3 +41,78 @@ pub fn require_jwt_key(key: &Option<String>) -> anyhow::Result<String> {
         _ => anyhow::bail!("JWT_KEY must be defined"),
     }
 }
+
+#[derive(Debug, Clone, Args)]
+pub struct NatsSettings {
+    /// NATS server URL; the `http://` scheme of the course's manifests is accepted.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Name of the JetStream stream the events go to (created if missing, capturing `ticket.>`).
+    #[arg(long, env = "NATS_CLUSTER_ID", default_value = "ticketing", value_parser = parse_stream_name)]
+    pub nats_cluster_id: String,
+    /// Connection name, unique per process (the pod name on Kubernetes). Default: host name and
+    /// process id. Also the worker's name in outbox locks and in the job queue.
+    #[arg(long, env = "NATS_CLIENT_ID")]
+    pub nats_client_id: Option<String>,
+    /// How long JetStream drops a re-published event (same `Nats-Msg-Id`), in seconds.
+    #[arg(long, env = "NATS_DUPLICATE_WINDOW_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
+    pub nats_duplicate_window_secs: u64,
+    /// How long a publish waits for JetStream's acknowledgement, in seconds.
+    #[arg(long, env = "NATS_ACK_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    pub nats_ack_timeout_secs: u64,
+}
+
+impl NatsSettings {
+    pub fn client_id(&self) -> String {
+        self.nats_client_id.clone().unwrap_or_else(|| {
+            let host = gethostname::gethostname().to_string_lossy().into_owned();
+            format!("{host}-{}", std::process::id())
+        })
+    }
+}
+
+fn parse_stream_name(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.chars()
+            .all(|c| !c.is_whitespace() && !matches!(c, '.' | '*' | '>' | '/' | '\\'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("a JetStream stream name: no spaces, '.', '*', '>', '/' or '\\'".into())
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ScheduleSettings {
+    /// Cron schedule of the RetryPublishingNATSEvents sweep: 6 fields, seconds first.
+    #[arg(long, env = "RETRY_SCHEDULE", default_value = "*/10 * * * * *")]
+    pub retry_schedule: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DeliverySettings {
+    #[command(flatten)]
+    pub nats: NatsSettings,
+    /// Webhook (Slack-compatible) that is told when an event keeps failing, and when it is
+    /// finally delivered. Optional: without it, alerts are only logged at error level.
+    #[arg(long, env = "ALERT_WEBHOOK_URL", hide_env_values = true)]
+    pub alert_webhook_url: Option<String>,
+    /// Failed publish attempts after which an event alerts.
+    #[arg(long, env = "ALERT_THRESHOLD", default_value_t = 5, value_parser = clap::value_parser!(i64).range(1..))]
+    pub alert_threshold: i64,
+    /// Events a sweep claims and publishes per step.
+    #[arg(long, env = "SWEEP_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=5000))]
+    pub sweep_batch_size: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RedisSettings {
+    /// Redis holding the RetryPublishingNATSEvents job queue (worker and scheduler only).
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+}

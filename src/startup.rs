@@ -1,7 +1,7 @@
 //! Building and running each role. `Application` binds its port first (port 0 in tests), so
 //! callers learn the port before serving starts.
 
-use crate::settings::StoreSettings;
+use crate::settings::{DeliverySettings, StoreSettings};
 use anyhow::Context;
 use api::{ApiContext, JwtKey};
 use common::Store;
@@ -11,7 +11,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use worker::alerts::Alerter;
+use worker::job::SweepRunner;
+use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsConfig};
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 pub const HTTP_DRAIN: Duration = Duration::from_secs(10);
@@ -114,4 +118,150 @@ pub fn cancel_on_signal(token: CancellationToken) {
         tracing::info!("shutdown signal received");
         token.cancel();
     });
+}
+
+/// Longest one sweep job keeps claiming before it leaves the rest to the next tick.
+pub const SWEEP_BUDGET: Duration = Duration::from_secs(30);
+
+/// The delivery side: a NATS publisher, the dispatcher over the store, the sweep runner.
+pub struct Delivery {
+    pub publisher: Arc<JetStreamPublisher>,
+    pub dispatcher: Arc<Dispatcher>,
+    pub runner: Arc<SweepRunner>,
+    pub name: String,
+}
+
+pub async fn build_delivery(
+    store: Arc<dyn Store>,
+    settings: &DeliverySettings,
+    lease: Duration,
+) -> anyhow::Result<Delivery> {
+    let name = settings.nats.client_id();
+    let publisher = Arc::new(
+        JetStreamPublisher::connect(NatsConfig {
+            url: settings.nats.nats_url.clone(),
+            stream: settings.nats.nats_cluster_id.clone(),
+            client_name: name.clone(),
+            duplicate_window: Duration::from_secs(settings.nats.nats_duplicate_window_secs),
+            ack_timeout: Duration::from_secs(settings.nats.nats_ack_timeout_secs),
+        })
+        .await?,
+    );
+    let dispatcher = Arc::new(Dispatcher::new(
+        store.clone(),
+        publisher.clone(),
+        DispatchConfig {
+            claimer: name.clone(),
+            lease,
+            alert_threshold: settings.alert_threshold,
+            sweep_batch: settings.sweep_batch_size as usize,
+        },
+    ));
+    let alerter = Arc::new(Alerter::new(
+        store,
+        settings.alert_webhook_url.clone(),
+        name.clone(),
+    )?);
+    let runner = Arc::new(SweepRunner::new(dispatcher.clone(), alerter, SWEEP_BUDGET));
+    tracing::info!(worker = %name, nats = %settings.nats.nats_url, stream = %settings.nats.nats_cluster_id,
+        "outbox delivery configured");
+    Ok(Delivery {
+        publisher,
+        dispatcher,
+        runner,
+        name,
+    })
+}
+
+/// Waits for every task; the first error wins, and stops the others.
+pub async fn join_roles(
+    tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut result = Ok(());
+    for (role, task) in tasks {
+        let outcome = match task.await {
+            Ok(r) => r,
+            Err(e) => Err(anyhow::anyhow!(e)),
+        };
+        if let Err(e) = outcome {
+            tracing::error!(role, error = %format!("{e:#}"), "role failed; stopping");
+            shutdown.cancel();
+            if result.is_ok() {
+                result = Err(e.context(format!("{role} failed")));
+            }
+        }
+    }
+    result
+}
+
+/// `ticketing all`: the API, the change feed and the in-process retry schedule.
+pub async fn run_all(
+    addr: SocketAddr,
+    jwt_key: &str,
+    store: Arc<dyn Store>,
+    delivery: &DeliverySettings,
+    schedule: cron::Schedule,
+    lease: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let app = Application::build(addr, store.clone(), jwt_key).await?;
+    let d = build_delivery(store, delivery, lease).await?;
+    let feed = tokio::spawn(worker::feed::run_change_feed(
+        d.dispatcher.clone(),
+        shutdown.clone(),
+    ));
+    let tasks = vec![
+        ("api", tokio::spawn(app.run_until_stopped(shutdown.clone()))),
+        (
+            "change feed",
+            tokio::spawn(async move {
+                feed.await?;
+                Ok(())
+            }),
+        ),
+        (
+            "retry schedule",
+            tokio::spawn(worker::job::run_inprocess_schedule(
+                d.runner.clone(),
+                schedule,
+                shutdown.clone(),
+            )),
+        ),
+    ];
+    join_roles(tasks, shutdown).await
+}
+
+/// `ticketing worker`: the change feed and the Redis job worker.
+pub async fn run_worker(
+    store: Arc<dyn Store>,
+    delivery: &DeliverySettings,
+    redis_url: String,
+    lease: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let d = build_delivery(store, delivery, lease).await?;
+    let feed = tokio::spawn(worker::feed::run_change_feed(
+        d.dispatcher.clone(),
+        shutdown.clone(),
+    ));
+    let runner = d.runner.clone();
+    let name = d.name.clone();
+    let jobs_shutdown = shutdown.clone();
+    let tasks = vec![
+        (
+            "change feed",
+            tokio::spawn(async move {
+                feed.await?;
+                Ok(())
+            }),
+        ),
+        (
+            "job worker",
+            tokio::spawn(async move {
+                worker::job::run_redis_worker(runner, &redis_url, &name, jobs_shutdown).await
+            }),
+        ),
+    ];
+    join_roles(tasks, shutdown).await
 }

@@ -66,18 +66,6 @@ struct ErrorItem {
     field: Option<&'static str>,
 }
 
-/// `error: cause: cause ...`, for logs.
-pub fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let errors = match &self {
@@ -94,7 +82,7 @@ impl IntoResponse for ApiError {
             }],
             other => {
                 if let ApiError::Store(e) = other {
-                    tracing::error!(error = %cause_chain(e), "store failure answered with 503");
+                    tracing::error!(error = %common::store::error_chain(e), "store failure answered with 503");
                 }
                 vec![ErrorItem {
                     message: other.to_string(),

@@ -2,6 +2,7 @@
 //! and the store trait with its adapters. Mirrors the course's `common` package.
 
 pub mod domain;
+pub mod jobs;
 pub mod store;
 
 pub use domain::{

@@ -239,3 +239,15 @@ pub trait Store: Send + Sync + 'static {
     /// Unlocks events now so the next sweep takes them; returns how many it unlocked.
     async fn unlock_events(&self, ids: &[EventId]) -> Result<u64, StoreError>;
 }
+
+/// `error: cause: cause ...`, for logs.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,248 @@
+//! One step of the outbox: take the events a claim returned, apply the per-ticket order rule,
+//! publish, and record each outcome. Loops (the change feed, the sweep schedule) live elsewhere;
+//! tests drive these steps directly.
+
+use crate::publisher::JetStreamPublisher;
+use common::store::{Lease, Store, StoreError};
+use common::{EventId, OutboxEvent, TicketId};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct DispatchConfig {
+    /// Who claims: the worker's name (`NATS_CLIENT_ID`), written into `lockedBy`.
+    pub claimer: String,
+    /// How long a claim holds (`OUTBOX_LOCK_SECS`).
+    pub lease: Duration,
+    /// Attempts after which an event alerts a human (`ALERT_THRESHOLD`).
+    pub alert_threshold: i64,
+    /// Events claimed per sweep step.
+    pub sweep_batch: usize,
+}
+
+/// Which path made an attempt: the change feed's first attempt or the sweep's retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    ChangeFeed,
+    Sweep,
+}
+
+impl Path {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Path::ChangeFeed => "change_feed",
+            Path::Sweep => "sweep",
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Events this step locked.
+    pub claimed: usize,
+    /// Acknowledged by JetStream and deleted from the outbox.
+    pub published: usize,
+    /// Of those, how many JetStream recognised as duplicates of an earlier publish.
+    pub duplicates: usize,
+    /// Publish failed: unlocked with a failure recorded.
+    pub failed: usize,
+    /// Left for the sweep, not a failure: an older event of the same ticket is still waiting.
+    pub deferred: usize,
+}
+
+impl Outcome {
+    fn add(&mut self, o: Outcome) {
+        self.claimed += o.claimed;
+        self.published += o.published;
+        self.duplicates += o.duplicates;
+        self.failed += o.failed;
+        self.deferred += o.deferred;
+    }
+}
+
+pub struct Dispatcher {
+    store: Arc<dyn Store>,
+    publisher: Arc<JetStreamPublisher>,
+    config: DispatchConfig,
+}
+
+impl Dispatcher {
+    pub fn new(
+        store: Arc<dyn Store>,
+        publisher: Arc<JetStreamPublisher>,
+        config: DispatchConfig,
+    ) -> Self {
+        Self {
+            store,
+            publisher,
+            config,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    pub fn config(&self) -> &DispatchConfig {
+        &self.config
+    }
+
+    fn lease(&self) -> Lease {
+        Lease::new(&self.config.claimer, self.config.lease)
+    }
+
+    /// The change feed's first attempt on events it saw committed. Events another replica (or
+    /// the sweep) already holds are skipped.
+    pub async fn try_dispatch_fresh(&self, ids: &[EventId]) -> Result<Outcome, StoreError> {
+        let lease = self.lease();
+        let claimed = self.store.claim_fresh(ids, &lease).await?;
+        self.dispatch(claimed, &lease, Path::ChangeFeed).await
+    }
+
+    /// One sweep step: claims up to `sweep_batch` unlocked or lock-expired events and retries
+    /// them.
+    pub async fn sweep_once(&self) -> Result<Outcome, StoreError> {
+        let lease = self.lease();
+        let claimed = self
+            .store
+            .claim_due(self.config.sweep_batch, &lease)
+            .await?;
+        self.dispatch(claimed, &lease, Path::Sweep).await
+    }
+
+    /// Sweep steps until the outbox has nothing due, a step saw a failure (NATS is down: wait for
+    /// the next tick), or `budget` is spent.
+    pub async fn sweep(&self, budget: Duration) -> Result<Outcome, StoreError> {
+        let started = Instant::now();
+        let mut total = Outcome::default();
+        loop {
+            let step = self.sweep_once().await?;
+            total.add(step);
+            let drained = step.claimed < self.config.sweep_batch;
+            if drained || step.failed > 0 || started.elapsed() >= budget {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Publishes what `lease` holds, oldest version first per ticket, and records the outcomes.
+    async fn dispatch(
+        &self,
+        claimed: Vec<OutboxEvent>,
+        lease: &Lease,
+        path: Path,
+    ) -> Result<Outcome, StoreError> {
+        let mut outcome = Outcome {
+            claimed: claimed.len(),
+            ..Default::default()
+        };
+        if claimed.is_empty() {
+            return Ok(outcome);
+        }
+        let (mut chains, blocked) = self.order_chains(claimed).await?;
+        if !blocked.is_empty() {
+            outcome.deferred += blocked.len();
+            self.store.release(&blocked, lease).await?;
+        }
+        // Waves: the first pending event of every ticket, then the second, ... A ticket whose
+        // event failed publishes nothing more in this step.
+        loop {
+            let wave: Vec<OutboxEvent> =
+                chains.iter_mut().filter_map(VecDeque::pop_front).collect();
+            if wave.is_empty() {
+                break;
+            }
+            let results = self.publisher.publish_batch(&wave).await;
+            let mut delivered = Vec::new();
+            let mut failures: BTreeMap<String, Vec<EventId>> = BTreeMap::new();
+            let mut failed_tickets = HashSet::new();
+            for (event, result) in wave.iter().zip(results) {
+                match result {
+                    Ok(ack) => {
+                        if ack.duplicate {
+                            outcome.duplicates += 1;
+                            tracing::warn!(event.id = %event.id, seq = ack.sequence,
+                                "JetStream dropped a duplicate: an earlier attempt got through");
+                        }
+                        delivered.push(event.id);
+                    }
+                    Err(error) => {
+                        failed_tickets.insert(event.aggregate_id);
+                        failures.entry(error).or_default().push(event.id);
+                    }
+                }
+            }
+            if !delivered.is_empty() {
+                self.store.complete(&delivered).await?;
+                outcome.published += delivered.len();
+            }
+            for (error, ids) in failures {
+                outcome.failed += ids.len();
+                tracing::warn!(path = path.as_str(), events = ids.len(), %error, "publish failed");
+                let alerted = self
+                    .store
+                    .record_failure(&ids, lease, &error, self.config.alert_threshold)
+                    .await?;
+                for e in alerted {
+                    tracing::error!(event.id = %e.id, subject = %e.subject, aggregate = %e.aggregate_id,
+                        version = e.version, attempts = e.attempts, last_error = e.last_error().unwrap_or(""),
+                        "outbox event keeps failing to publish: a human should look (ticketing outbox show)");
+                }
+            }
+            if !failed_tickets.is_empty() {
+                let mut waiting = Vec::new();
+                for chain in chains.iter_mut() {
+                    if chain
+                        .front()
+                        .is_some_and(|e| failed_tickets.contains(&e.aggregate_id))
+                    {
+                        waiting.extend(chain.drain(..).map(|e| e.id));
+                    }
+                }
+                if !waiting.is_empty() {
+                    outcome.deferred += waiting.len();
+                    self.store.release(&waiting, lease).await?;
+                }
+            }
+        }
+        if outcome.published + outcome.failed > 0 {
+            tracing::debug!(path = path.as_str(), ?outcome, "dispatch step done");
+        }
+        Ok(outcome)
+    }
+
+    /// Splits claimed events into per-ticket chains that may be published now (each chain is the
+    /// oldest events of its ticket still in the outbox, in version order) and events that must
+    /// wait because an older event of their ticket is held by someone else.
+    async fn order_chains(
+        &self,
+        claimed: Vec<OutboxEvent>,
+    ) -> Result<(Vec<VecDeque<OutboxEvent>>, Vec<EventId>), StoreError> {
+        let mut mine: HashMap<EventId, OutboxEvent> =
+            claimed.into_iter().map(|e| (e.id, e)).collect();
+        let mut tickets: Vec<TicketId> = mine.values().map(|e| e.aggregate_id).collect();
+        tickets.sort();
+        tickets.dedup();
+        let mut pending = self.store.pending_versions(&tickets).await?;
+        pending.sort_by_key(|p| (p.aggregate_id, p.version));
+        let mut chains: BTreeMap<TicketId, VecDeque<OutboxEvent>> = BTreeMap::new();
+        let mut open: HashSet<TicketId> = tickets.iter().copied().collect();
+        for p in pending {
+            if !open.contains(&p.aggregate_id) {
+                continue;
+            }
+            match mine.remove(&p.event_id) {
+                Some(event) => chains.entry(p.aggregate_id).or_default().push_back(event),
+                // An older event of this ticket is not ours: everything after it waits.
+                None => {
+                    open.remove(&p.aggregate_id);
+                }
+            }
+        }
+        // Whatever is left was not reachable in order (or vanished meanwhile): it waits.
+        let blocked: Vec<EventId> = mine.into_keys().collect();
+        Ok((chains.into_values().collect(), blocked))
+    }
+}

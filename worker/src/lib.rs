@@ -1,0 +1,11 @@
+//! Delivery of the tickets outbox to NATS JetStream: the change-feed consumer (first attempt),
+//! the `RetryPublishingNATSEvents` sweep job, and webhook alerts for humans.
+
+pub mod alerts;
+pub mod dispatch;
+pub mod feed;
+pub mod job;
+pub mod publisher;
+
+pub use dispatch::{DispatchConfig, Dispatcher, Outcome, Path};
+pub use publisher::{JetStreamPublisher, NatsConfig};

@@ -1,0 +1,200 @@
+//! Publishing outbox events to NATS JetStream. A publish succeeds only when its PubAck arrives;
+//! every message carries `Nats-Msg-Id` = the event id, so JetStream drops a re-publish of an
+//! event whose ack was lost (within the stream's duplicate window).
+
+use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use common::OutboxEvent;
+use futures::future::join_all;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// `nats://host:port`; the `http://` scheme of the course's manifests is accepted.
+    pub url: String,
+    /// The JetStream stream (`NATS_CLUSTER_ID`), created on first use if missing.
+    pub stream: String,
+    /// The connection name (`NATS_CLIENT_ID`).
+    pub client_name: String,
+    /// How long JetStream remembers a `Nats-Msg-Id` to drop duplicates.
+    pub duplicate_window: Duration,
+    /// How long a publish waits for its PubAck.
+    pub ack_timeout: Duration,
+}
+
+/// The subjects the stream captures.
+pub const STREAM_SUBJECTS: &str = "ticket.>";
+
+/// `http://nats-srv:4222` (the course's manifests) means `nats://nats-srv:4222`.
+pub fn normalize_url(url: &str) -> String {
+    let url = url.trim();
+    for scheme in ["http://", "https://"] {
+        if let Some(rest) = url.strip_prefix(scheme) {
+            return format!("nats://{rest}");
+        }
+    }
+    url.to_owned()
+}
+
+/// What JetStream said about one stored message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub sequence: u64,
+    /// JetStream had this `Nats-Msg-Id` already: an earlier attempt did get through.
+    pub duplicate: bool,
+}
+
+pub struct JetStreamPublisher {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    config: NatsConfig,
+    stream_ready: Mutex<bool>,
+}
+
+impl JetStreamPublisher {
+    /// Connects in the background: a NATS server that is down now is not an error, the client
+    /// keeps reconnecting and says so in the log.
+    pub async fn connect(config: NatsConfig) -> anyhow::Result<Self> {
+        let url = normalize_url(&config.url);
+        let client = async_nats::ConnectOptions::new()
+            .name(&config.client_name)
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connection_timeout(Duration::from_secs(2))
+            .reconnect_delay_callback(|attempts| {
+                Duration::from_millis((100 * attempts as u64).min(2_000))
+            })
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("disconnected from NATS; reconnecting")
+                    }
+                    other => tracing::warn!(event = %other, "NATS connection event"),
+                }
+            })
+            .connect(url.as_str())
+            .await
+            .map_err(|e| anyhow::anyhow!("invalid NATS_URL {url:?}: {e}"))?;
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            .max_ack_inflight(5_000)
+            .build(client.clone());
+        Ok(Self {
+            client,
+            js,
+            config,
+            stream_ready: Mutex::new(false),
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    pub fn stream_name(&self) -> &str {
+        &self.config.stream
+    }
+
+    /// Gets or creates the stream (file storage, `ticket.>`, the duplicate window), once.
+    pub async fn ensure_stream(&self) -> Result<(), String> {
+        let mut ready = self.stream_ready.lock().await;
+        if *ready {
+            return Ok(());
+        }
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: self.config.stream.clone(),
+                subjects: vec![STREAM_SUBJECTS.to_owned()],
+                storage: stream::StorageType::File,
+                duplicate_window: self.config.duplicate_window,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| {
+                format!(
+                    "cannot get or create JetStream stream {}: {e}",
+                    self.config.stream
+                )
+            })?;
+        tracing::info!(stream = %self.config.stream, "JetStream stream ready");
+        *ready = true;
+        Ok(())
+    }
+
+    /// Publishes the events pipelined (all sent, then all acks awaited together) and returns one
+    /// result per event, in order. Fails fast while the connection is down instead of letting the
+    /// client buffer messages.
+    pub async fn publish_batch(&self, events: &[OutboxEvent]) -> Vec<Result<Published, String>> {
+        if !self.is_connected() {
+            let e = format!(
+                "NATS is not connected ({})",
+                normalize_url(&self.config.url)
+            );
+            return events.iter().map(|_| Err(e.clone())).collect();
+        }
+        if let Err(e) = self.ensure_stream().await {
+            return events.iter().map(|_| Err(e.clone())).collect();
+        }
+        let mut pending = Vec::with_capacity(events.len());
+        for event in events {
+            let payload = match serde_json::to_vec(&event.data) {
+                Ok(p) => p,
+                Err(e) => {
+                    pending.push(Err(format!("cannot encode payload: {e}")));
+                    continue;
+                }
+            };
+            let message = jetstream::message::PublishMessage::build()
+                .payload(payload.into())
+                .message_id(event.id.to_hex());
+            let sent = self.js.send_publish(event.subject.as_str(), message).await;
+            pending.push(sent.map_err(|e| e.to_string()));
+        }
+        let acks = pending.into_iter().map(|sent| async move {
+            let ack = sent?.await.map_err(|e| {
+                if e.kind() == PublishErrorKind::StreamNotFound {
+                    "no JetStream stream captures this subject".to_owned()
+                } else {
+                    e.to_string()
+                }
+            })?;
+            Ok(Published {
+                sequence: ack.sequence,
+                duplicate: ack.duplicate,
+            })
+        });
+        let results: Vec<Result<Published, String>> = join_all(acks).await;
+        if results.iter().any(|r| {
+            r.as_ref()
+                .err()
+                .is_some_and(|e| e.contains("no JetStream stream"))
+        }) {
+            // The stream was deleted under us: create it again before the next batch.
+            *self.stream_ready.lock().await = false;
+        }
+        results
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::normalize_url;
+
+    #[test]
+    fn http_scheme_of_the_course_manifests_is_accepted() {
+        assert_eq!(
+            normalize_url("http://nats-srv:4222"),
+            "nats://nats-srv:4222"
+        );
+        assert_eq!(
+            normalize_url("nats://127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
+        assert_eq!(normalize_url(" 127.0.0.1:4222 "), "127.0.0.1:4222");
+    }
+}
