@@ -1,6 +1,7 @@
 //! The `ticketing` binary's library: command line, start-up of each role, telemetry.
 
 pub mod cli;
+pub mod harness;
 pub mod settings;
 pub mod startup;
 pub mod telemetry;

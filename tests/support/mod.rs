@@ -1,6 +1,8 @@
 //! Test helpers: a real app on port 0 over a real SQLite file in a temp dir.
 #![allow(dead_code)]
 
+pub mod delivery;
+
 use common::store::SqliteStore;
 use reqwest::{Client, Response};
 use serde_json::Value;

@@ -22,6 +22,9 @@ pub struct NatsConfig {
     pub ack_timeout: Duration,
 }
 
+/// How long a publish waits for a connection that is being (re)established before failing.
+const CONNECT_GRACE: Duration = Duration::from_secs(2);
+
 /// The subjects the stream captures.
 pub const STREAM_SUBJECTS: &str = "ticket.>";
 
@@ -92,6 +95,18 @@ impl JetStreamPublisher {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
 
+    /// Waits up to `grace` for the connection (start-up, a reconnect in progress).
+    pub async fn wait_connected(&self, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        while !self.is_connected() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        true
+    }
+
     pub fn client(&self) -> &async_nats::Client {
         &self.client
     }
@@ -130,7 +145,7 @@ impl JetStreamPublisher {
     /// result per event, in order. Fails fast while the connection is down instead of letting the
     /// client buffer messages.
     pub async fn publish_batch(&self, events: &[OutboxEvent]) -> Vec<Result<Published, String>> {
-        if !self.is_connected() {
+        if !self.wait_connected(CONNECT_GRACE).await {
             let e = format!(
                 "NATS is not connected ({})",
                 normalize_url(&self.config.url)

@@ -69,8 +69,7 @@ impl SqliteStore {
             if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                 std::fs::create_dir_all(parent).map_err(|e| StoreError::backend("open", e))?;
             }
-            let mut writer = connect(&path).map_err(|e| StoreError::backend("open", e))?;
-            migrate(&mut writer).map_err(|e| StoreError::backend("migrate", e))?;
+            let writer = open_and_migrate(&path)?;
             Ok(Self {
                 inner: Arc::new(Inner {
                     path,
@@ -142,6 +141,30 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "foreign_keys", "ON")?;
     Ok(conn)
 }
+
+/// Opens the writer connection and migrates. Several processes starting together on one file
+/// (`api` and `worker`) can find it locked while another switches it to WAL or migrates it:
+/// that is retried, for up to [`OPEN_BUSY_FOR`].
+fn open_and_migrate(path: &Path) -> Result<Connection, StoreError> {
+    let started = std::time::Instant::now();
+    loop {
+        let attempt = connect(path).and_then(|mut c| migrate(&mut c).map(|()| c));
+        match attempt {
+            Ok(c) => return Ok(c),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && started.elapsed() < OPEN_BUSY_FOR =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(StoreError::backend("open", e)),
+        }
+    }
+}
+
+const OPEN_BUSY_FOR: Duration = Duration::from_secs(30);
 
 fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

@@ -1,0 +1,534 @@
+//! Delivery of the outbox to JetStream, end to end: `ticketing` roles as processes, with their
+//! own `nats-server -js` and `redis-server` that the tests stop, pause and restart.
+
+mod support;
+
+use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::time::Duration;
+use support::delivery::{Role, StoredMessage, Webhook, spawn_role, stream_messages};
+use support::{eventually, session_cookie};
+use ticketing::harness::{NatsServer, RedisServer, free_port};
+
+const STREAM: &str = "ticketing";
+const LONG: Duration = Duration::from_secs(60);
+
+struct Setup {
+    dir: tempfile::TempDir,
+    db: PathBuf,
+    client: reqwest::Client,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = dir.path().join("tickets.db");
+        Self {
+            dir,
+            db,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// Settings every role shares.
+    fn env(
+        &self,
+        nats: &NatsServer,
+        extra: &[(&'static str, String)],
+    ) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("SQLITE_PATH", self.db.display().to_string()),
+            ("NATS_URL", nats.url()),
+            ("NATS_CLUSTER_ID", STREAM.to_owned()),
+            ("RETRY_SCHEDULE", "* * * * * *".to_owned()),
+        ];
+        env.extend_from_slice(extra);
+        env
+    }
+
+    fn db(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(&self.db).expect("db");
+        c.busy_timeout(Duration::from_secs(10)).expect("busy");
+        c
+    }
+
+    fn events(&self) -> i64 {
+        self.db()
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .unwrap_or(-1)
+    }
+
+    fn min_attempts(&self) -> i64 {
+        self.db()
+            .query_row("SELECT COALESCE(MIN(attempts), -1) FROM events", [], |r| {
+                r.get(0)
+            })
+            .unwrap_or(-1)
+    }
+
+    async fn wait_api(&self, port: u16) {
+        let url = format!("http://127.0.0.1:{port}/api/tickets");
+        eventually(Duration::from_secs(30), "the API to answer", || {
+            let (client, url) = (&self.client, &url);
+            async move {
+                client
+                    .get(url)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status() == 200)
+            }
+        })
+        .await;
+    }
+
+    async fn create(&self, port: u16, title: &str) -> Value {
+        let res = self
+            .client
+            .post(format!("http://127.0.0.1:{port}/api/tickets"))
+            .header("cookie", session_cookie("seller"))
+            .json(&json!({"title": title, "price": 10}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            res.status(),
+            201,
+            "the API takes tickets whatever NATS does"
+        );
+        res.json().await.expect("json")
+    }
+
+    async fn update(&self, port: u16, id: &str, title: &str) -> Value {
+        let res = self
+            .client
+            .put(format!("http://127.0.0.1:{port}/api/tickets/{id}"))
+            .header("cookie", session_cookie("seller"))
+            .json(&json!({"title": title, "price": 12.5}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(res.status(), 200);
+        res.json().await.expect("json")
+    }
+}
+
+impl Drop for Setup {
+    /// On failure, show what each role logged: the first thing anyone debugging wants.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("==== {} (last 40 lines)", path.display());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+async fn messages_when(nats: &NatsServer, count: usize) -> Vec<StoredMessage> {
+    let url = nats.url();
+    eventually(LONG, &format!("{count} messages in the stream"), || {
+        let url = url.clone();
+        async move {
+            let m = stream_messages(&url, STREAM).await;
+            (m.len() >= count).then_some(m)
+        }
+    })
+    .await
+}
+
+fn assert_once_each(messages: &[StoredMessage], expected: usize) {
+    assert_eq!(messages.len(), expected, "every event exactly once");
+    let ids: HashSet<&str> = messages.iter().map(|m| m.msg_id.as_str()).collect();
+    assert_eq!(ids.len(), expected, "one Nats-Msg-Id per message");
+    assert!(
+        ids.iter().all(|id| id.len() == 24),
+        "Nats-Msg-Id is the event's ObjectId"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn created_and_updated_tickets_reach_the_stream_through_the_change_feed() {
+    let nats = NatsServer::start().expect("nats");
+    let s = Setup::new();
+    let port = free_port().expect("port");
+    // A yearly sweep: whatever arrives now came through the change feed. Redis is unreachable:
+    // `all` does not need it.
+    let _all = spawn_role(
+        "all",
+        &s.env(
+            &nats,
+            &[
+                ("PORT", port.to_string()),
+                ("RETRY_SCHEDULE", "0 0 0 1 1 *".into()),
+                ("REDIS_URL", "redis://127.0.0.1:1".into()),
+            ],
+        ),
+        s.log("all"),
+    );
+    s.wait_api(port).await;
+    let mut tickets = Vec::new();
+    for i in 0..3 {
+        tickets.push(s.create(port, &format!("show {i}")).await);
+    }
+    let id = tickets[0]["id"].as_str().expect("id").to_owned();
+    let v1 = s.update(port, &id, "renamed").await;
+    let v2 = s.update(port, &id, "renamed again").await;
+
+    let messages = messages_when(&nats, 5).await;
+    assert_once_each(&messages, 5);
+    eventually(LONG, "the outbox to empty", || async {
+        (s.events() == 0).then_some(())
+    })
+    .await;
+
+    for t in &tickets {
+        let created: Vec<&StoredMessage> = messages
+            .iter()
+            .filter(|m| m.subject == "ticket.created" && m.payload["id"] == t["id"])
+            .collect();
+        assert_eq!(created.len(), 1);
+        assert_eq!(&created[0].payload, t, "payload = the ticket as stored");
+    }
+    let of_first: Vec<&StoredMessage> = messages
+        .iter()
+        .filter(|m| m.payload["id"] == json!(id))
+        .collect();
+    let versions: Vec<i64> = of_first
+        .iter()
+        .map(|m| m.payload["version"].as_i64().expect("version"))
+        .collect();
+    assert_eq!(versions, [0, 1, 2], "in order per ticket");
+    assert_eq!(of_first[1].subject, "ticket.updated");
+    assert_eq!(of_first[1].payload, v1);
+    assert_eq!(of_first[2].payload, v2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_outage_loses_nothing_alerts_once_and_resolves() {
+    let mut nats = NatsServer::start().expect("nats");
+    let webhook = Webhook::start().await;
+    let s = Setup::new();
+    let port = free_port().expect("port");
+    let _all = spawn_role(
+        "all",
+        &s.env(
+            &nats,
+            &[
+                ("PORT", port.to_string()),
+                ("ALERT_THRESHOLD", "3".into()),
+                ("ALERT_WEBHOOK_URL", webhook.url()),
+            ],
+        ),
+        s.log("all"),
+    );
+    s.wait_api(port).await;
+    nats.stop();
+
+    let mut ids = HashSet::new();
+    for i in 0..200 {
+        let t = s.create(port, &format!("outage {i}")).await;
+        ids.insert(t["id"].as_str().expect("id").to_owned());
+    }
+    assert_eq!(ids.len(), 200);
+    // Every event fails, is unlocked with its failure recorded, and is retried by each sweep
+    // until it passes the alert threshold.
+    eventually(LONG, "every event to have 3 failed attempts", || async {
+        (s.events() == 200 && s.min_attempts() >= 3).then_some(())
+    })
+    .await;
+    let (failures, locked): (String, bool) = s
+        .db()
+        .query_row("SELECT failures, is_locked FROM events LIMIT 1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .expect("row");
+    let failures: Vec<Value> = serde_json::from_str(&failures).expect("json");
+    assert!(failures.len() >= 3 && failures[0]["error"].as_str().is_some_and(|e| !e.is_empty()));
+    assert!(failures[0]["at"].is_string());
+    let _ = locked;
+    let firing = eventually(LONG, "200 firing alerts", || async {
+        let firing: Vec<Value> = webhook
+            .bodies()
+            .into_iter()
+            .filter(|b| b["resolved"] == json!(false))
+            .collect();
+        (firing.len() >= 200).then_some(firing)
+    })
+    .await;
+    let sample = &firing[0];
+    assert!(
+        sample["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("failed to publish"))
+    );
+    for field in [
+        "id",
+        "subject",
+        "aggregateId",
+        "version",
+        "attempts",
+        "lastError",
+        "createdAt",
+    ] {
+        assert!(
+            !sample["event"][field].is_null(),
+            "alert event lacks {field}: {sample}"
+        );
+    }
+
+    nats.restart().expect("restart nats");
+    let messages = messages_when(&nats, 200).await;
+    eventually(LONG, "the outbox to empty", || async {
+        (s.events() == 0).then_some(())
+    })
+    .await;
+    assert_once_each(&messages, 200);
+    let delivered: HashSet<String> = messages
+        .iter()
+        .map(|m| m.payload["id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(delivered, ids);
+
+    let bodies = eventually(LONG, "200 resolved alerts", || async {
+        let b = webhook.bodies();
+        (b.iter().filter(|b| b["resolved"] == json!(true)).count() >= 200).then_some(b)
+    })
+    .await;
+    let mut per_event: HashMap<(String, bool), usize> = HashMap::new();
+    for b in &bodies {
+        let key = (
+            b["event"]["id"].as_str().expect("id").to_owned(),
+            b["resolved"].as_bool().expect("resolved"),
+        );
+        *per_event.entry(key).or_default() += 1;
+    }
+    assert_eq!(
+        per_event.len(),
+        400,
+        "one firing and one resolved alert per event"
+    );
+    assert!(
+        per_event.values().all(|n| *n == 1),
+        "never twice: {per_event:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_holding_claims_is_taken_over_after_the_lease() {
+    let nats = NatsServer::start().expect("nats");
+    let redis = RedisServer::start().expect("redis");
+    let s = Setup::new();
+    let port = free_port().expect("port");
+    let lease = [("OUTBOX_LOCK_SECS", "3".to_owned())];
+    let _api = spawn_role(
+        "api",
+        &s.env(&nats, &[("PORT", port.to_string())]),
+        s.log("api"),
+    );
+    let mut worker_a = spawn_role(
+        "worker",
+        &s.env(
+            &nats,
+            &[
+                lease[0].clone(),
+                ("NATS_CLIENT_ID", "worker-a".into()),
+                ("NATS_ACK_TIMEOUT_SECS", "120".into()),
+                ("REDIS_URL", redis.url()),
+            ],
+        ),
+        s.log("worker-a"),
+    );
+    s.wait_api(port).await;
+    s.create(port, "warm-up").await;
+    messages_when(&nats, 1).await;
+
+    // NATS stops answering: worker A sends, then waits for acks while holding its claims.
+    nats.pause().expect("pause");
+    for i in 0..20 {
+        s.create(port, &format!("claimed {i}")).await;
+    }
+    eventually(LONG, "worker A to hold claims on all 20 events", || async {
+        let held: i64 = s
+            .db()
+            .query_row(
+                "SELECT COUNT(*) FROM events WHERE locked_by LIKE 'worker-a/%'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap_or(0);
+        (held == 20).then_some(())
+    })
+    .await;
+    worker_a.sigkill();
+    nats.resume().expect("resume");
+    assert_eq!(s.events(), 20, "the dead worker's claims are still there");
+
+    let extra = [
+        lease[0].clone(),
+        ("NATS_CLIENT_ID", "worker-b".into()),
+        ("REDIS_URL", redis.url()),
+    ];
+    let worker_b = spawn_role("worker", &s.env(&nats, &extra), s.log("worker-b"));
+    let _scheduler = spawn_role(
+        "scheduler",
+        &s.env(&nats, &[("REDIS_URL", redis.url())]),
+        s.log("scheduler"),
+    );
+    eventually(
+        LONG,
+        "worker B to deliver the dead worker's events",
+        || async { (s.events() == 0).then_some(()) },
+    )
+    .await;
+    let messages = messages_when(&nats, 21).await;
+    // Worker A's messages may have reached NATS before it died: JetStream dropped B's
+    // re-publish of those as duplicates, so each event is still in the stream once.
+    assert_once_each(&messages, 21);
+    let swept: usize = worker_b
+        .logged("RetryPublishingNATSEvents done")
+        .iter()
+        .filter_map(|l| l["claimed"].as_u64())
+        .sum::<u64>() as usize;
+    assert!(swept >= 1, "worker B's sweep took over the expired claims");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_and_two_schedulers_deliver_each_event_once_with_one_job_per_tick() {
+    let mut nats = NatsServer::start().expect("nats");
+    let redis = RedisServer::start().expect("redis");
+    let s = Setup::new();
+    let port = free_port().expect("port");
+    let _api = spawn_role(
+        "api",
+        &s.env(&nats, &[("PORT", port.to_string())]),
+        s.log("api"),
+    );
+    let workers: Vec<Role> = ["w1", "w2"]
+        .iter()
+        .map(|name| {
+            let extra = [
+                ("NATS_CLIENT_ID", (*name).to_owned()),
+                ("REDIS_URL", redis.url()),
+            ];
+            spawn_role("worker", &s.env(&nats, &extra), s.log(name))
+        })
+        .collect();
+    let _schedulers: Vec<Role> = ["s1", "s2"]
+        .iter()
+        .map(|name| {
+            let extra = [
+                ("NATS_CLIENT_ID", (*name).to_owned()),
+                ("REDIS_URL", redis.url()),
+            ];
+            spawn_role("scheduler", &s.env(&nats, &extra), s.log(name))
+        })
+        .collect();
+    s.wait_api(port).await;
+    // NATS down first, so the retries go through the sweeps of both workers.
+    nats.stop();
+    for i in 0..100 {
+        s.create(port, &format!("shared {i}")).await;
+    }
+    eventually(LONG, "every event to have failed once", || async {
+        (s.events() == 100 && s.min_attempts() >= 1).then_some(())
+    })
+    .await;
+    nats.restart().expect("restart");
+    eventually(LONG, "the outbox to empty", || async {
+        (s.events() == 0).then_some(())
+    })
+    .await;
+    let messages = messages_when(&nats, 100).await;
+    assert_once_each(&messages, 100);
+
+    for w in &workers {
+        assert!(
+            w.logged("JetStream dropped a duplicate").is_empty(),
+            "no event was published twice"
+        );
+    }
+    let jobs_per_tick = eventually(LONG, "jobs of at least 3 ticks", || async {
+        let mut jobs_per_tick: HashMap<i64, usize> = HashMap::new();
+        for w in &workers {
+            for line in w.logs() {
+                if let Some(tick) = line["tick"].as_i64() {
+                    *jobs_per_tick.entry(tick).or_default() += 1;
+                }
+            }
+        }
+        (jobs_per_tick.len() >= 3).then_some(jobs_per_tick)
+    })
+    .await;
+    assert!(
+        jobs_per_tick.values().all(|n| *n == 1),
+        "one job per tick across two schedulers: {jobs_per_tick:?}"
+    );
+    let first_attempts = workers
+        .iter()
+        .flat_map(|w| w.logged("publish failed"))
+        .filter(|l| l["path"] == "change_feed")
+        .filter_map(|l| l["events"].as_u64())
+        .sum::<u64>();
+    assert_eq!(
+        first_attempts, 100,
+        "one first attempt per event across two replicas"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_is_logged_and_recovered_from() {
+    let mut nats = NatsServer::start().expect("nats");
+    let mut redis = RedisServer::start().expect("redis");
+    let s = Setup::new();
+    let port = free_port().expect("port");
+    let _api = spawn_role(
+        "api",
+        &s.env(&nats, &[("PORT", port.to_string())]),
+        s.log("api"),
+    );
+    let env = s.env(&nats, &[("REDIS_URL", redis.url())]);
+    let worker = spawn_role("worker", &env, s.log("worker"));
+    let scheduler = spawn_role("scheduler", &env, s.log("scheduler"));
+    s.wait_api(port).await;
+    nats.stop();
+    for i in 0..5 {
+        s.create(port, &format!("waiting {i}")).await;
+    }
+    eventually(LONG, "the first attempts to fail", || async {
+        (s.events() == 5 && s.min_attempts() >= 1).then_some(())
+    })
+    .await;
+    redis.stop();
+    nats.restart().expect("restart nats");
+    eventually(LONG, "both roles to report Redis down", || async {
+        let sched = !scheduler.logged("cannot enqueue").is_empty();
+        let work = !worker.logged("job worker stopped").is_empty();
+        (sched && work).then_some(())
+    })
+    .await;
+    redis.restart().expect("restart redis");
+    eventually(
+        Duration::from_secs(90),
+        "sweeps to resume and deliver",
+        || async { (s.events() == 0).then_some(()) },
+    )
+    .await;
+    assert_once_each(&messages_when(&nats, 5).await, 5);
+}

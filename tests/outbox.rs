@@ -1,0 +1,233 @@
+//! The outbox state machine driven step by step (`try_dispatch_fresh`, `sweep_once`) against a
+//! real SQLite file and a real `nats-server -js`.
+
+mod support;
+
+use common::store::{SqliteStore, Store};
+use common::{EventId, NewTicket, Price, TicketChanges, Title, UserId};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use support::delivery::stream_messages;
+use ticketing::harness::NatsServer;
+use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsConfig};
+
+const STREAM: &str = "ticketing";
+
+async fn publisher(nats: &NatsServer, name: &str) -> Arc<JetStreamPublisher> {
+    let p = JetStreamPublisher::connect(NatsConfig {
+        url: nats.url(),
+        stream: STREAM.into(),
+        client_name: name.into(),
+        duplicate_window: Duration::from_secs(120),
+        ack_timeout: Duration::from_secs(2),
+    })
+    .await
+    .expect("connect");
+    assert!(p.wait_connected(Duration::from_secs(10)).await);
+    Arc::new(p)
+}
+
+fn dispatcher(
+    store: &Arc<SqliteStore>,
+    publisher: Arc<JetStreamPublisher>,
+    name: &str,
+    batch: usize,
+) -> Dispatcher {
+    Dispatcher::new(
+        store.clone(),
+        publisher,
+        DispatchConfig {
+            claimer: name.into(),
+            lease: Duration::from_secs(30),
+            alert_threshold: 5,
+            sweep_batch: batch,
+        },
+    )
+}
+
+async fn store() -> (Arc<SqliteStore>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = SqliteStore::open(dir.path().join("t.db"), Default::default())
+        .await
+        .expect("open");
+    (Arc::new(store), dir)
+}
+
+fn ticket(title: &str) -> NewTicket {
+    NewTicket {
+        title: Title::parse(Some(&json!(title))).expect("title"),
+        price: Price::parse(Some(&json!(5)), "price").expect("price"),
+        user_id: UserId::parse("seller").expect("user"),
+    }
+}
+
+fn changes(title: &str) -> TicketChanges {
+    TicketChanges {
+        title: Title::parse(Some(&json!(title))).expect("title"),
+        price: Price::parse(Some(&json!(6)), "price").expect("price"),
+    }
+}
+
+async fn newest_event(store: &SqliteStore) -> EventId {
+    store
+        .list_events(1000, None)
+        .await
+        .expect("list")
+        .last()
+        .expect("an event")
+        .id
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_version_waits_for_an_earlier_failed_one() {
+    let mut nats = NatsServer::start().expect("nats");
+    let (store, _dir) = store().await;
+    let d = dispatcher(&store, publisher(&nats, "w").await, "w", 100);
+
+    let t = store.create_ticket(&ticket("show")).await.expect("create");
+    let v0 = newest_event(&store).await;
+    nats.stop();
+    let first = d.try_dispatch_fresh(&[v0]).await.expect("dispatch");
+    assert_eq!(
+        (first.claimed, first.failed),
+        (1, 1),
+        "v0's first attempt fails"
+    );
+
+    nats.restart().expect("restart");
+    store
+        .update_ticket(t.id, 0, &changes("v1"))
+        .await
+        .expect("update");
+    let v1 = newest_event(&store).await;
+    let second = d.try_dispatch_fresh(&[v1]).await.expect("dispatch");
+    assert_eq!(
+        (second.published, second.deferred, second.failed),
+        (0, 1, 0),
+        "v1 comes through the feed but waits for v0, and waiting is not a failure"
+    );
+    let waiting = store
+        .get_event(v1)
+        .await
+        .expect("get")
+        .expect("v1 still there");
+    assert!(!waiting.is_locked);
+    assert_eq!(waiting.attempts, 0);
+
+    store
+        .update_ticket(t.id, 1, &changes("v2"))
+        .await
+        .expect("update");
+    let swept = d.sweep_once().await.expect("sweep");
+    assert_eq!(
+        swept.published, 2,
+        "v0 and v1 are due; v2 is still reserved for the feed"
+    );
+    let v2 = newest_event(&store).await;
+    let third = d.try_dispatch_fresh(&[v2]).await.expect("dispatch");
+    assert_eq!(third.published, 1);
+
+    let versions: Vec<i64> = stream_messages(&nats.url(), STREAM)
+        .await
+        .iter()
+        .map(|m| m.payload["version"].as_i64().expect("version"))
+        .collect();
+    assert_eq!(versions, [0, 1, 2]);
+    assert!(store.list_events(10, None).await.expect("list").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_of_versions_is_published_in_order_in_one_sweep() {
+    let nats = NatsServer::start().expect("nats");
+    let (store, _dir) = store().await;
+    let d = dispatcher(&store, publisher(&nats, "w").await, "w", 100);
+    let t = store.create_ticket(&ticket("show")).await.expect("create");
+    for v in 0..4 {
+        store
+            .update_ticket(t.id, v, &changes(&format!("v{}", v + 1)))
+            .await
+            .expect("update");
+    }
+    let ids: Vec<EventId> = store
+        .list_events(10, None)
+        .await
+        .expect("list")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    store.unlock_events(&ids).await.expect("unlock");
+    let swept = d.sweep_once().await.expect("sweep");
+    assert_eq!((swept.claimed, swept.published), (5, 5));
+    let versions: Vec<i64> = stream_messages(&nats.url(), STREAM)
+        .await
+        .iter()
+        .map(|m| m.payload["version"].as_i64().expect("version"))
+        .collect();
+    assert_eq!(versions, [0, 1, 2, 3, 4]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sweeps_never_publish_an_event_twice() {
+    let nats = NatsServer::start().expect("nats");
+    let (store, _dir) = store().await;
+    let a = dispatcher(&store, publisher(&nats, "a").await, "a", 25);
+    let b = dispatcher(&store, publisher(&nats, "b").await, "b", 25);
+    for i in 0..300 {
+        store
+            .create_ticket(&ticket(&format!("t{i}")))
+            .await
+            .expect("create");
+    }
+    let ids: Vec<EventId> = store
+        .list_events(1000, None)
+        .await
+        .expect("list")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(store.unlock_events(&ids).await.expect("unlock"), 300);
+
+    async fn drain(d: &Dispatcher) -> (usize, usize) {
+        let (mut published, mut duplicates) = (0, 0);
+        loop {
+            let o = d.sweep_once().await.expect("sweep");
+            published += o.published;
+            duplicates += o.duplicates;
+            assert_eq!(o.failed, 0);
+            if o.claimed == 0 {
+                return (published, duplicates);
+            }
+        }
+    }
+    let ((pa, da), (pb, db)) = tokio::join!(drain(&a), drain(&b));
+    assert_eq!(pa + pb, 300, "every event published by exactly one sweeper");
+    assert!(pa > 0 && pb > 0, "both sweepers took part: {pa} / {pb}");
+    assert_eq!(
+        da + db,
+        0,
+        "no duplicate PubAck: nothing was published twice"
+    );
+    let messages = stream_messages(&nats.url(), STREAM).await;
+    assert_eq!(messages.len(), 300);
+    assert!(store.list_events(10, None).await.expect("list").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_republished_event_is_dropped_by_jetstream_and_still_completed() {
+    let nats = NatsServer::start().expect("nats");
+    let (store, _dir) = store().await;
+    let p = publisher(&nats, "w").await;
+    let d = dispatcher(&store, p.clone(), "w", 100);
+    store.create_ticket(&ticket("t")).await.expect("create");
+    let event = store.list_events(1, None).await.expect("list").remove(0);
+    // The ack of an earlier attempt was lost: the message is in the stream, the event is not
+    // deleted.
+    let first = p.publish_batch(std::slice::from_ref(&event)).await;
+    assert!(first[0].as_ref().is_ok_and(|a| !a.duplicate));
+    store.unlock_events(&[event.id]).await.expect("unlock");
+    let swept = d.sweep_once().await.expect("sweep");
+    assert_eq!((swept.published, swept.duplicates), (1, 1));
+    assert_eq!(stream_messages(&nats.url(), STREAM).await.len(), 1);
+    assert!(store.list_events(10, None).await.expect("list").is_empty());
+}
