@@ -1,7 +1,9 @@
 //! The command line: `ticketing <role>`. Each subcommand is a thin call into a library function.
 
+use crate::ops::Probes;
 use crate::settings::{
-    DeliverySettings, HttpSettings, RedisSettings, ScheduleSettings, StoreSettings, require_jwt_key,
+    DeliverySettings, HealthSettings, HttpSettings, RedisSettings, ScheduleSettings, StoreSettings,
+    require_jwt_key,
 };
 use crate::startup::{Application, cancel_on_signal, open_store};
 use crate::telemetry;
@@ -9,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::ExitCode;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -36,6 +39,8 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Push one RetryPublishingNATSEvents job per RETRY_SCHEDULE tick into Redis.
     Scheduler(SchedulerArgs),
+    /// Look at and act on the outbox: stats, list, show, retry.
+    Outbox(crate::outbox_cmd::OutboxArgs),
     /// Print a JWT signed with JWT_KEY and the cookie header that carries it, to call the API
     /// without the auth service.
     Token(TokenArgs),
@@ -69,6 +74,8 @@ pub struct WorkerArgs {
     pub delivery: DeliverySettings,
     #[command(flatten)]
     pub redis: RedisSettings,
+    #[command(flatten)]
+    pub health: HealthSettings,
 }
 
 #[derive(Debug, Args)]
@@ -77,6 +84,8 @@ pub struct SchedulerArgs {
     pub schedule: ScheduleSettings,
     #[command(flatten)]
     pub redis: RedisSettings,
+    #[command(flatten)]
+    pub health: HealthSettings,
     /// Name of this scheduler in logs and in apalis' worker registry. Default: host name and pid.
     #[arg(long, env = "NATS_CLIENT_ID")]
     pub name: Option<String>,
@@ -103,6 +112,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::All(args) => serve_all(args).await,
         Command::Worker(args) => serve_worker(args).await,
         Command::Scheduler(args) => serve_scheduler(args).await,
+        Command::Outbox(args) => crate::outbox_cmd::run(args).await,
         Command::Token(args) => print_token(args),
     };
     match result {
@@ -120,7 +130,15 @@ pub async fn serve_api(args: ApiArgs) -> anyhow::Result<()> {
     let store = open_store(&args.store).await?;
     let shutdown = shutdown_on_signal();
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.http.port));
-    let app = Application::build(addr, store, &jwt_key).await?;
+    let probes = Arc::new(Probes {
+        role: "api",
+        store: Some(store.clone()),
+        nats: None,
+        nats_required: false,
+        redis: None,
+        alert_threshold: i64::MAX,
+    });
+    let app = Application::build(addr, store, &jwt_key, probes).await?;
     app.run_until_stopped(shutdown).await
 }
 
@@ -153,6 +171,7 @@ pub async fn serve_worker(args: WorkerArgs) -> anyhow::Result<()> {
         store,
         &args.delivery,
         args.redis.redis_url,
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.health.health_port)),
         args.store.lease(),
         shutdown_on_signal(),
     )
@@ -165,7 +184,14 @@ pub async fn serve_scheduler(args: SchedulerArgs) -> anyhow::Result<()> {
         let host = gethostname::gethostname().to_string_lossy().into_owned();
         format!("scheduler-{host}-{}", std::process::id())
     });
-    scheduler::run(&args.redis.redis_url, schedule, &name, shutdown_on_signal()).await
+    crate::startup::run_scheduler(
+        args.redis.redis_url,
+        schedule,
+        name,
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.health.health_port)),
+        shutdown_on_signal(),
+    )
+    .await
 }
 
 pub fn print_token(args: TokenArgs) -> anyhow::Result<()> {
@@ -175,7 +201,10 @@ pub fn print_token(args: TokenArgs) -> anyhow::Result<()> {
     let jwt = api::JwtKey::new(&jwt_key).sign(user.as_str(), &args.email)?;
     let cookie = api::auth::session_cookie_value(&jwt);
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{jwt}")?;
-    writeln!(out, "Cookie: session={cookie}")?;
-    Ok(())
+    let written = writeln!(out, "{jwt}").and_then(|()| writeln!(out, "Cookie: session={cookie}"));
+    match written {
+        // `ticketing token ... | head -1` closes the pipe after the JWT: that is fine.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }

@@ -2,6 +2,8 @@
 
 pub mod cli;
 pub mod harness;
+pub mod ops;
+pub mod outbox_cmd;
 pub mod settings;
 pub mod startup;
 pub mod telemetry;

@@ -116,3 +116,11 @@ pub struct RedisSettings {
     )]
     pub redis_url: String,
 }
+
+#[derive(Debug, Clone, Args)]
+pub struct HealthSettings {
+    /// Port of /healthz, /readyz and /metrics for the worker and the scheduler (the API serves
+    /// them on PORT).
+    #[arg(long, env = "HEALTH_PORT", default_value_t = 9090)]
+    pub health_port: u16,
+}

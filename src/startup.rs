@@ -1,6 +1,7 @@
 //! Building and running each role. `Application` binds its port first (port 0 in tests), so
 //! callers learn the port before serving starts.
 
+use crate::ops::{self, Probes};
 use crate::settings::{DeliverySettings, StoreSettings};
 use anyhow::Context;
 use api::{ApiContext, JwtKey};
@@ -22,11 +23,17 @@ pub const HTTP_DRAIN: Duration = Duration::from_secs(10);
 
 /// Opens the configured store: MongoDB when `MONGO_URI` is set, else the SQLite file.
 pub async fn open_store(settings: &StoreSettings) -> anyhow::Result<Arc<dyn Store>> {
-    if settings.mongo_uri.is_some() {
-        anyhow::bail!(
-            "MONGO_URI is set, but the MongoDB store is not supported yet: unset MONGO_URI to use \
-             the embedded SQLite store (SQLITE_PATH)"
-        );
+    if let Some(uri) = &settings.mongo_uri {
+        let options = common::store::mongo::MongoOptions {
+            fresh_lock: settings.lease(),
+            ..Default::default()
+        };
+        // The URI may hold a password: log the database, not the URI.
+        let store = common::store::MongoStore::open(uri, options)
+            .await
+            .context("opening the MongoDB store named by MONGO_URI")?;
+        tracing::info!(database = %store.database().name(), "using the MongoDB store (MONGO_URI)");
+        return Ok(Arc::new(store));
     }
     let options = SqliteOptions {
         fresh_lock: settings.lease(),
@@ -51,18 +58,24 @@ pub struct Application {
 }
 
 impl Application {
+    /// The API with `/healthz`, `/readyz` and `/metrics` answering for `probes`.
     pub async fn build(
         addr: SocketAddr,
         store: Arc<dyn Store>,
         jwt_key: &str,
+        probes: Arc<Probes>,
     ) -> anyhow::Result<Self> {
+        ops::metrics_handle();
         let listener = TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the HTTP port {addr}"))?;
-        let router = api::router(ApiContext {
-            store,
-            jwt: JwtKey::new(jwt_key),
-        });
+        let router = api::router_with(
+            ApiContext {
+                store,
+                jwt: JwtKey::new(jwt_key),
+            },
+            ops::router(probes),
+        );
         Ok(Self { listener, router })
     }
 
@@ -135,6 +148,7 @@ pub async fn build_delivery(
     store: Arc<dyn Store>,
     settings: &DeliverySettings,
     lease: Duration,
+    shutdown: &CancellationToken,
 ) -> anyhow::Result<Delivery> {
     let name = settings.nats.client_id();
     let publisher = Arc::new(
@@ -162,7 +176,12 @@ pub async fn build_delivery(
         settings.alert_webhook_url.clone(),
         name.clone(),
     )?);
-    let runner = Arc::new(SweepRunner::new(dispatcher.clone(), alerter, SWEEP_BUDGET));
+    let runner = Arc::new(SweepRunner::new(
+        dispatcher.clone(),
+        alerter,
+        SWEEP_BUDGET,
+        shutdown.clone(),
+    ));
     tracing::info!(worker = %name, nats = %settings.nats.nats_url, stream = %settings.nats.nats_cluster_id,
         "outbox delivery configured");
     Ok(Delivery {
@@ -205,8 +224,16 @@ pub async fn run_all(
     lease: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let app = Application::build(addr, store.clone(), jwt_key).await?;
-    let d = build_delivery(store, delivery, lease).await?;
+    let d = build_delivery(store.clone(), delivery, lease, &shutdown).await?;
+    let probes = Arc::new(Probes {
+        role: "all",
+        store: Some(store.clone()),
+        nats: Some(d.publisher.clone()),
+        nats_required: false,
+        redis: None,
+        alert_threshold: delivery.alert_threshold,
+    });
+    let app = Application::build(addr, store, jwt_key, probes).await?;
     let feed = tokio::spawn(worker::feed::run_change_feed(
         d.dispatcher.clone(),
         shutdown.clone(),
@@ -229,18 +256,31 @@ pub async fn run_all(
             )),
         ),
     ];
-    join_roles(tasks, shutdown).await
+    let result = join_roles(tasks, shutdown).await;
+    d.runner.drain().await;
+    tracing::info!("stopped: every claim finished");
+    result
 }
 
-/// `ticketing worker`: the change feed and the Redis job worker.
+/// `ticketing worker`: the change feed and the Redis job worker, with health on `health`.
 pub async fn run_worker(
     store: Arc<dyn Store>,
     delivery: &DeliverySettings,
     redis_url: String,
+    health: SocketAddr,
     lease: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let d = build_delivery(store, delivery, lease).await?;
+    ops::metrics_handle();
+    let d = build_delivery(store.clone(), delivery, lease, &shutdown).await?;
+    let probes = Arc::new(Probes {
+        role: "worker",
+        store: Some(store),
+        nats: Some(d.publisher.clone()),
+        nats_required: true,
+        redis: Some(redis_client(&redis_url)?),
+        alert_threshold: delivery.alert_threshold,
+    });
     let feed = tokio::spawn(worker::feed::run_change_feed(
         d.dispatcher.clone(),
         shutdown.clone(),
@@ -249,6 +289,10 @@ pub async fn run_worker(
     let name = d.name.clone();
     let jobs_shutdown = shutdown.clone();
     let tasks = vec![
+        (
+            "health",
+            tokio::spawn(ops::serve(health, probes, shutdown.clone())),
+        ),
         (
             "change feed",
             tokio::spawn(async move {
@@ -263,5 +307,45 @@ pub async fn run_worker(
             }),
         ),
     ];
+    let result = join_roles(tasks, shutdown).await;
+    d.runner.drain().await;
+    tracing::info!("stopped: every claim finished");
+    result
+}
+
+/// `ticketing scheduler`: the cron schedule, with health on `health`.
+pub async fn run_scheduler(
+    redis_url: String,
+    schedule: cron::Schedule,
+    name: String,
+    health: SocketAddr,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    ops::metrics_handle();
+    let probes = Arc::new(Probes {
+        role: "scheduler",
+        store: None,
+        nats: None,
+        nats_required: false,
+        redis: Some(redis_client(&redis_url)?),
+        alert_threshold: 0,
+    });
+    let sched_shutdown = shutdown.clone();
+    let tasks = vec![
+        (
+            "health",
+            tokio::spawn(ops::serve(health, probes, shutdown.clone())),
+        ),
+        (
+            "scheduler",
+            tokio::spawn(async move {
+                scheduler::run(&redis_url, schedule, &name, sched_shutdown).await
+            }),
+        ),
+    ];
     join_roles(tasks, shutdown).await
+}
+
+fn redis_client(url: &str) -> anyhow::Result<redis::Client> {
+    redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))
 }

@@ -551,3 +551,57 @@ async fn a_failure_between_the_two_writes_leaves_neither() {
         .await;
     assert_eq!(res.status(), 200);
 }
+
+#[tokio::test]
+async fn openapi_document_describes_the_contract() {
+    let app = spawn_app().await;
+    let res = app
+        .client
+        .get(app.url("/api/tickets/openapi.json"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(res.status(), 200);
+    let doc: Value = res.json().await.expect("json");
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+    let paths = &doc["paths"];
+    for (path, method, statuses) in [
+        (
+            "/api/tickets",
+            "post",
+            &["201", "400", "401", "413", "415", "503"][..],
+        ),
+        ("/api/tickets", "get", &["200", "400"][..]),
+        ("/api/tickets/{id}", "get", &["200", "404"][..]),
+        (
+            "/api/tickets/{id}",
+            "put",
+            &["200", "400", "401", "404", "409", "413", "415", "503"][..],
+        ),
+    ] {
+        let op = &paths[path][method];
+        assert!(op.is_object(), "{method} {path} documented");
+        for status in statuses {
+            assert!(
+                op["responses"][status].is_object(),
+                "{method} {path} documents {status}"
+            );
+        }
+    }
+    assert!(paths["/api/tickets"]["post"]["security"].is_array());
+    let ticket = &doc["components"]["schemas"]["Ticket"];
+    let required: Vec<&str> = ticket["required"]
+        .as_array()
+        .expect("required")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    for field in ["id", "title", "price", "userId", "version"] {
+        assert!(required.contains(&field), "Ticket requires {field}");
+    }
+    assert!(ticket["properties"]["orderId"].is_object());
+    let schemes = &doc["components"]["securitySchemes"];
+    assert_eq!(schemes["session"]["in"], "cookie");
+    assert_eq!(schemes["bearer"]["scheme"], "bearer");
+    assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+}

@@ -54,16 +54,19 @@ impl ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody {
-    errors: Vec<ErrorItem>,
+/// Every error answer: `{"errors":[{"message":..,"field":..}]}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub errors: Vec<ErrorItem>,
 }
 
-#[derive(Serialize)]
-struct ErrorItem {
-    message: String,
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorItem {
+    pub message: String,
+    /// The body field at fault, only for body fields.
     #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'static str>,
+    #[schema(value_type = Option<String>, nullable = false)]
+    pub field: Option<&'static str>,
 }
 
 impl IntoResponse for ApiError {

@@ -4,6 +4,8 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod observe;
+pub mod openapi;
 pub mod tickets;
 
 use axum::Router;
@@ -26,10 +28,18 @@ pub struct ApiContext {
 
 /// The whole HTTP API, with the contract's 404 and 405 in the error shape.
 pub fn router(ctx: ApiContext) -> Router {
+    router_with(ctx, Router::new())
+}
+
+/// The API plus `extra` routes (health, metrics) under the same request ids, metrics and
+/// error shape.
+pub fn router_with(ctx: ApiContext, extra: Router) -> Router {
     Router::new()
         .merge(tickets::router())
+        .with_state(ctx)
+        .merge(extra)
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .with_state(ctx)
+        .layer(axum::middleware::from_fn(observe::observe))
 }

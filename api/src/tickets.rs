@@ -1,7 +1,7 @@
 //! `/api/tickets`: create, list, show and edit tickets. Every write goes through the store,
 //! which commits the ticket and its outbox event in one transaction.
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 use crate::extract::JsonObject;
 use crate::{ApiContext, AuthUser};
 use axum::extract::{Path, Query, State};
@@ -26,7 +26,27 @@ const UPDATE_ATTEMPTS: usize = 16;
 pub fn router() -> Router<ApiContext> {
     Router::new()
         .route("/api/tickets", get(list).post(create))
+        .route("/api/tickets/openapi.json", get(crate::openapi::serve))
         .route("/api/tickets/{id}", get(show).put(update))
+}
+
+/// The body of a create or an update (documentation; the handler parses it field by field).
+#[allow(dead_code)]
+#[derive(utoipa::ToSchema)]
+pub struct TicketBody {
+    /// Not blank; at most 200 characters.
+    #[schema(min_length = 1, max_length = 200)]
+    title: String,
+    price: PriceInput,
+}
+
+/// Greater than 0 and at most 1,000,000: a JSON number, or a numeric string such as "20.00".
+#[allow(dead_code)]
+#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub enum PriceInput {
+    Number(f64),
+    Text(String),
 }
 
 /// Parses `{title, price}`, reporting every invalid field at once.
@@ -47,7 +67,20 @@ fn parse_fields(
     }
 }
 
-async fn create(
+#[utoipa::path(
+    post, path = "/api/tickets", tag = "tickets",
+    request_body(content = TicketBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created, version 0; its ticket.created event is in the outbox", body = Ticket),
+        (status = 400, description = "Invalid body: every invalid field is listed", body = ErrorBody),
+        (status = 401, description = "Not signed in", body = ErrorBody),
+        (status = 413, description = "Body over 16 KiB", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 503, description = "The store failed; nothing was written", body = ErrorBody),
+    ),
+    security(("session" = []), ("bearer" = []))
+)]
+pub(crate) async fn create(
     State(ctx): State<ApiContext>,
     AuthUser(user_id): AuthUser,
     JsonObject(body): JsonObject,
@@ -65,7 +98,20 @@ async fn create(
     Ok((StatusCode::CREATED, Json(ticket)))
 }
 
-async fn list(
+#[utoipa::path(
+    get, path = "/api/tickets", tag = "tickets",
+    params(
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 1000, description = "Page size, default 100"),
+        ("cursor" = Option<String>, Query, description = "The x-next-cursor of the previous page"),
+    ),
+    responses(
+        (status = 200, description = "Unreserved tickets, oldest first", body = Vec<Ticket>,
+         headers(("x-next-cursor" = String, description = "Present when the page is full: the cursor of the next page"))),
+        (status = 400, description = "Invalid limit or cursor", body = ErrorBody),
+        (status = 503, description = "The store failed", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list(
     State(ctx): State<ApiContext>,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -99,7 +145,16 @@ async fn list(
     Ok((headers, Json(tickets)))
 }
 
-async fn show(
+#[utoipa::path(
+    get, path = "/api/tickets/{id}", tag = "tickets",
+    params(("id" = String, Path, description = "Ticket id")),
+    responses(
+        (status = 200, description = "The ticket", body = Ticket),
+        (status = 404, description = "No such ticket (or not an ObjectId)", body = ErrorBody),
+        (status = 503, description = "The store failed", body = ErrorBody),
+    )
+)]
+pub(crate) async fn show(
     State(ctx): State<ApiContext>,
     Path(id): Path<String>,
 ) -> Result<Json<Ticket>, ApiError> {
@@ -114,7 +169,23 @@ async fn show(
 /// Checks in the contract's order: signed in (extractor), body, exists, not reserved, owner.
 /// The write applies only to the version read; when another update got there first, re-read and
 /// re-check, so every version has exactly one event and no update is lost silently.
-async fn update(
+#[utoipa::path(
+    put, path = "/api/tickets/{id}", tag = "tickets",
+    params(("id" = String, Path, description = "Ticket id")),
+    request_body(content = TicketBody, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Updated, version + 1; its ticket.updated event is in the outbox", body = Ticket),
+        (status = 400, description = "Invalid body, or the ticket is reserved", body = ErrorBody),
+        (status = 401, description = "Not signed in, or not the owner", body = ErrorBody),
+        (status = 404, description = "No such ticket", body = ErrorBody),
+        (status = 409, description = "Lost the race against other updates 16 times", body = ErrorBody),
+        (status = 413, description = "Body over 16 KiB", body = ErrorBody),
+        (status = 415, description = "Not application/json", body = ErrorBody),
+        (status = 503, description = "The store failed; nothing was written", body = ErrorBody),
+    ),
+    security(("session" = []), ("bearer" = []))
+)]
+pub(crate) async fn update(
     State(ctx): State<ApiContext>,
     AuthUser(user_id): AuthUser,
     Path(id): Path<String>,

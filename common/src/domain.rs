@@ -177,15 +177,22 @@ impl UserId {
 /// A ticket as stored and as served over HTTP. Its JSON is also the payload (`data`) of the
 /// `ticket.created` / `ticket.updated` events: `{id, title, price, userId, version}` and
 /// `orderId` only when set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Ticket {
+    /// MongoDB ObjectId, 24 hex characters.
+    #[schema(value_type = String, pattern = "^[0-9a-f]{24}$")]
     pub id: TicketId,
     pub title: String,
+    #[schema(exclusive_minimum = 0.0, maximum = 1000000.0)]
     pub price: f64,
     pub user_id: String,
+    /// 0 when created, +1 per update.
+    #[schema(minimum = 0)]
     pub version: i64,
+    /// The order reserving the ticket; absent when it is not reserved.
     #[serde(skip_serializing_if = "Option::is_none", default)]
+    #[schema(nullable = false)]
     pub order_id: Option<String>,
 }
 

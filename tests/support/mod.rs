@@ -30,10 +30,19 @@ pub async fn spawn_app() -> TestApp {
     let store = SqliteStore::open(&db_path, Default::default())
         .await
         .expect("open store");
+    let probes = Arc::new(ticketing::ops::Probes {
+        role: "api",
+        store: Some(Arc::new(store.clone())),
+        nats: None,
+        nats_required: false,
+        redis: None,
+        alert_threshold: 5,
+    });
     let app = Application::build(
         "127.0.0.1:0".parse().expect("addr"),
         Arc::new(store.clone()),
         JWT_KEY,
+        probes,
     )
     .await
     .expect("build app");

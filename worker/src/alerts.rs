@@ -59,11 +59,17 @@ impl Alerter {
                 Ok(()) => {
                     self.store.delete_alert(&alert.id).await?;
                     round.sent += 1;
+                    let kind = match alert.kind {
+                        AlertKind::Firing => "firing",
+                        AlertKind::Resolved => "resolved",
+                    };
+                    metrics::counter!("outbox_alerts_sent_total", "kind" => kind).increment(1);
                     tracing::info!(alert = %alert.id, "alert sent to the webhook");
                 }
                 Err(e) => {
                     self.store.release_alert(&alert.id).await?;
                     round.failed += 1;
+                    metrics::counter!("outbox_alerts_failed_total").increment(1);
                     tracing::error!(alert = %alert.id, error = %e, "alert webhook failed; retrying on the next sweep");
                 }
             }

@@ -8,6 +8,7 @@ use common::{EventId, OutboxEvent, TicketId};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone)]
 pub struct DispatchConfig {
@@ -113,15 +114,20 @@ impl Dispatcher {
     }
 
     /// Sweep steps until the outbox has nothing due, a step saw a failure (NATS is down: wait for
-    /// the next tick), or `budget` is spent.
-    pub async fn sweep(&self, budget: Duration) -> Result<Outcome, StoreError> {
+    /// the next tick), `budget` is spent, or `stop` is cancelled (a step in flight finishes).
+    pub async fn sweep(
+        &self,
+        budget: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Outcome, StoreError> {
         let started = Instant::now();
         let mut total = Outcome::default();
+        metrics::counter!("outbox_sweeps_total").increment(1);
         loop {
             let step = self.sweep_once().await?;
             total.add(step);
             let drained = step.claimed < self.config.sweep_batch;
-            if drained || step.failed > 0 || started.elapsed() >= budget {
+            if drained || step.failed > 0 || started.elapsed() >= budget || stop.is_cancelled() {
                 return Ok(total);
             }
         }
@@ -138,6 +144,8 @@ impl Dispatcher {
             claimed: claimed.len(),
             ..Default::default()
         };
+        metrics::counter!("outbox_events_claimed_total", "path" => path.as_str())
+            .increment(claimed.len() as u64);
         if claimed.is_empty() {
             return Ok(outcome);
         }
@@ -155,6 +163,10 @@ impl Dispatcher {
                 break;
             }
             let results = self.publisher.publish_batch(&wave).await;
+            let path_label = path.as_str();
+            metrics::counter!("outbox_publish_attempts_total", "path" => path_label)
+                .increment(wave.len() as u64);
+            let acked_at = chrono::Utc::now();
             let mut delivered = Vec::new();
             let mut failures: BTreeMap<String, Vec<EventId>> = BTreeMap::new();
             let mut failed_tickets = HashSet::new();
@@ -163,9 +175,14 @@ impl Dispatcher {
                     Ok(ack) => {
                         if ack.duplicate {
                             outcome.duplicates += 1;
+                            metrics::counter!("outbox_publish_duplicates_total", "path" => path_label)
+                                .increment(1);
                             tracing::warn!(event.id = %event.id, seq = ack.sequence,
                                 "JetStream dropped a duplicate: an earlier attempt got through");
                         }
+                        let latency = (acked_at - event.created_at).to_std().unwrap_or_default();
+                        metrics::histogram!("outbox_commit_to_puback_seconds")
+                            .record(latency.as_secs_f64());
                         delivered.push(event.id);
                     }
                     Err(error) => {
@@ -177,9 +194,13 @@ impl Dispatcher {
             if !delivered.is_empty() {
                 self.store.complete(&delivered).await?;
                 outcome.published += delivered.len();
+                metrics::counter!("outbox_publish_successes_total", "path" => path_label)
+                    .increment(delivered.len() as u64);
             }
             for (error, ids) in failures {
                 outcome.failed += ids.len();
+                metrics::counter!("outbox_publish_failures_total", "path" => path_label)
+                    .increment(ids.len() as u64);
                 tracing::warn!(path = path.as_str(), events = ids.len(), %error, "publish failed");
                 let alerted = self
                     .store

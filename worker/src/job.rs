@@ -22,20 +22,33 @@ pub struct SweepRunner {
     dispatcher: Arc<Dispatcher>,
     alerter: Arc<Alerter>,
     budget: Duration,
+    stop: CancellationToken,
     sweeping: Mutex<()>,
     alerting: Arc<Mutex<()>>,
 }
 
 impl SweepRunner {
-    /// `budget` bounds one job's sweep loop; the rest waits for the next tick.
-    pub fn new(dispatcher: Arc<Dispatcher>, alerter: Arc<Alerter>, budget: Duration) -> Self {
+    /// `budget` bounds one job's sweep loop; the rest waits for the next tick. After `stop`,
+    /// a running sweep finishes its current step and no new one starts.
+    pub fn new(
+        dispatcher: Arc<Dispatcher>,
+        alerter: Arc<Alerter>,
+        budget: Duration,
+        stop: CancellationToken,
+    ) -> Self {
         Self {
             dispatcher,
             alerter,
             budget,
+            stop,
             sweeping: Mutex::new(()),
             alerting: Arc::new(Mutex::new(())),
         }
+    }
+
+    /// Waits until no sweep is running (for a clean shutdown: every claim finished or released).
+    pub async fn drain(&self) {
+        let _idle = self.sweeping.lock().await;
     }
 
     /// One `RetryPublishingNATSEvents` job. `None` when skipped (a sweep is running).
@@ -44,7 +57,10 @@ impl SweepRunner {
             tracing::debug!(tick = job.tick, "a sweep is still running; tick skipped");
             return None;
         };
-        let outcome = match self.dispatcher.sweep(self.budget).await {
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        let outcome = match self.dispatcher.sweep(self.budget, &self.stop).await {
             Ok(o) => o,
             Err(e) => {
                 tracing::error!(tick = job.tick, error = %common::store::error_chain(&e), "sweep failed");

@@ -23,7 +23,7 @@ pub struct NatsConfig {
 }
 
 /// How long a publish waits for a connection that is being (re)established before failing.
-const CONNECT_GRACE: Duration = Duration::from_secs(2);
+const CONNECT_GRACE: Duration = Duration::from_millis(500);
 
 /// The subjects the stream captures.
 pub const STREAM_SUBJECTS: &str = "ticket.>";

@@ -6,16 +6,17 @@
 use super::{AlertKind, Lease, Page, Store, UpdateOutcome};
 use crate::domain::{NewTicket, Price, Subject, TicketChanges, TicketId, Title, UserId};
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use serde_json::json;
 use std::time::Duration;
 
-/// Expands to one `#[tokio::test]` per contract check. `$make` is an async expression yielding
-/// `Option<(impl Store, guard)>` (the guard, such as a temp dir, lives as long as the test);
-/// `None` means "this adapter can't run here" and the test says so.
+/// The single list of contract checks: expands `$callback!($($pre)* check, check, ...)`, so the
+/// per-test macro below and the [`CHECKS`] table are generated from one list.
+#[doc(hidden)]
 #[macro_export]
-macro_rules! store_contract_tests {
-    ($make:expr) => {
-        $crate::store_contract_tests!(@each $make;
+macro_rules! __store_contract_checks {
+    ([$($callback:tt)*] ($($pre:tt)*)) => {
+        $($callback)*!($($pre)*
             create_writes_ticket_and_fresh_event,
             update_writes_event_from_stored_row,
             update_reports_conflict_and_not_found,
@@ -31,6 +32,16 @@ macro_rules! store_contract_tests {
             stats_and_operator_commands,
         );
     };
+}
+
+/// Expands to one `#[tokio::test]` per contract check. `$make` is an async expression yielding
+/// `Option<(impl Store, guard)>` (the guard, such as a temp dir, lives as long as the test);
+/// `None` means "this adapter can't run here" and the test says so.
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($make:expr) => {
+        $crate::__store_contract_checks!([$crate::store_contract_tests] (@each $make;));
+    };
     (@each $make:expr; $($name:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,6 +54,20 @@ macro_rules! store_contract_tests {
         )*
     };
 }
+
+/// One contract check: runs against a fresh, empty store and panics when the store breaks the
+/// contract.
+pub type Check = for<'a> fn(&'a dyn Store) -> BoxFuture<'a, ()>;
+
+macro_rules! checks_table {
+    ($($name:ident),* $(,)?) => {
+        /// Every contract check with its name, for adapters that run the suite from one test
+        /// (each check still needs a fresh store).
+        pub const CHECKS: &[(&str, Check)] = &[$((stringify!($name), |store| Box::pin($name(store)))),*];
+    };
+}
+
+crate::__store_contract_checks!([checks_table]());
 
 fn new_ticket(title: &str, price: f64, user: &str) -> NewTicket {
     NewTicket {

@@ -8,8 +8,10 @@ use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 pub mod contract;
+pub mod mongo;
 pub mod sqlite;
 
+pub use mongo::MongoStore;
 pub use sqlite::SqliteStore;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
