@@ -7,7 +7,10 @@ use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::Duration;
-use support::delivery::{Role, StoredMessage, Webhook, spawn_role, stream_messages};
+use support::delivery::{
+    Role, StoredMessage, Webhook, assert_created_then_updated, assert_once_each, spawn_role,
+    stream_messages,
+};
 use support::{eventually, session_cookie};
 use ticketing::harness::{NatsServer, RedisServer, free_port};
 
@@ -153,16 +156,6 @@ async fn messages_when(nats: &NatsServer, count: usize) -> Vec<StoredMessage> {
     .await
 }
 
-fn assert_once_each(messages: &[StoredMessage], expected: usize) {
-    assert_eq!(messages.len(), expected, "every event exactly once");
-    let ids: HashSet<&str> = messages.iter().map(|m| m.msg_id.as_str()).collect();
-    assert_eq!(ids.len(), expected, "one Nats-Msg-Id per message");
-    assert!(
-        ids.iter().all(|id| id.len() == 24),
-        "Nats-Msg-Id is the event's ObjectId"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn created_and_updated_tickets_reach_the_stream_through_the_change_feed() {
     let nats = NatsServer::start().expect("nats");
@@ -198,26 +191,7 @@ async fn created_and_updated_tickets_reach_the_stream_through_the_change_feed() 
     })
     .await;
 
-    for t in &tickets {
-        let created: Vec<&StoredMessage> = messages
-            .iter()
-            .filter(|m| m.subject == "ticket.created" && m.payload["id"] == t["id"])
-            .collect();
-        assert_eq!(created.len(), 1);
-        assert_eq!(&created[0].payload, t, "payload = the ticket as stored");
-    }
-    let of_first: Vec<&StoredMessage> = messages
-        .iter()
-        .filter(|m| m.payload["id"] == json!(id))
-        .collect();
-    let versions: Vec<i64> = of_first
-        .iter()
-        .map(|m| m.payload["version"].as_i64().expect("version"))
-        .collect();
-    assert_eq!(versions, [0, 1, 2], "in order per ticket");
-    assert_eq!(of_first[1].subject, "ticket.updated");
-    assert_eq!(of_first[1].payload, v1);
-    assert_eq!(of_first[2].payload, v2);
+    assert_created_then_updated(&messages, &tickets, &[v1, v2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,10 +7,11 @@ mod support;
 use common::Store;
 use common::store::mongo::{MongoOptions, MongoStore, with_database};
 use serde_json::{Value, json};
-use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::Duration;
-use support::delivery::{Role, StoredMessage, spawn_role, stream_messages};
+use support::delivery::{
+    Role, StoredMessage, assert_created_then_updated, assert_once_each, spawn_role, stream_messages,
+};
 use support::{eventually, session_cookie};
 use ticketing::harness::{NatsServer, free_port};
 
@@ -123,33 +124,8 @@ async fn created_and_updated_tickets_reach_the_stream_through_the_mongodb_change
         }
     })
     .await;
-    assert_eq!(messages.len(), 5, "every event exactly once");
-    let msg_ids: HashSet<&str> = messages.iter().map(|m| m.msg_id.as_str()).collect();
-    assert_eq!(msg_ids.len(), 5, "one Nats-Msg-Id per message");
-    assert!(
-        msg_ids.iter().all(|id| id.len() == 24),
-        "Nats-Msg-Id is the event's ObjectId"
-    );
-    for t in &tickets {
-        let created: Vec<&StoredMessage> = messages
-            .iter()
-            .filter(|m| m.subject == "ticket.created" && m.payload["id"] == t["id"])
-            .collect();
-        assert_eq!(created.len(), 1);
-        assert_eq!(&created[0].payload, t, "payload = the ticket as stored");
-    }
-    let of_first: Vec<&StoredMessage> = messages
-        .iter()
-        .filter(|m| m.payload["id"] == json!(id))
-        .collect();
-    let order: Vec<i64> = of_first
-        .iter()
-        .map(|m| m.payload["version"].as_i64().expect("version"))
-        .collect();
-    assert_eq!(order, [0, 1, 2], "in order per ticket");
-    assert_eq!(of_first[1].subject, "ticket.updated");
-    assert_eq!(of_first[1].payload, versions[0]);
-    assert_eq!(of_first[2].payload, versions[1]);
+    assert_once_each(&messages, 5);
+    assert_created_then_updated(&messages, &tickets, &versions);
 
     eventually(LONG, "the events collection to empty", || async {
         store

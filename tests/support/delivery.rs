@@ -157,3 +157,46 @@ impl Webhook {
         self.received.lock().expect("lock").clone()
     }
 }
+
+/// Every event exactly once, each carrying its event id (an ObjectId) as `Nats-Msg-Id`.
+pub fn assert_once_each(messages: &[StoredMessage], expected: usize) {
+    assert_eq!(messages.len(), expected, "every event exactly once");
+    let ids: std::collections::HashSet<&str> = messages.iter().map(|m| m.msg_id.as_str()).collect();
+    assert_eq!(ids.len(), expected, "one Nats-Msg-Id per message");
+    assert!(
+        ids.iter().all(|id| id.len() == 24),
+        "Nats-Msg-Id is the event's ObjectId"
+    );
+}
+
+/// Each of `tickets` has one `ticket.created` message whose payload is the ticket as stored, and
+/// the first ticket's `updates` follow its creation in version order, with their stored payloads.
+pub fn assert_created_then_updated(
+    messages: &[StoredMessage],
+    tickets: &[Value],
+    updates: &[Value],
+) {
+    for t in tickets {
+        let created: Vec<&StoredMessage> = messages
+            .iter()
+            .filter(|m| m.subject == "ticket.created" && m.payload["id"] == t["id"])
+            .collect();
+        assert_eq!(created.len(), 1);
+        assert_eq!(&created[0].payload, t, "payload = the ticket as stored");
+    }
+    let first = &tickets[0]["id"];
+    let of_first: Vec<&StoredMessage> = messages
+        .iter()
+        .filter(|m| &m.payload["id"] == first)
+        .collect();
+    let versions: Vec<i64> = of_first
+        .iter()
+        .map(|m| m.payload["version"].as_i64().expect("version"))
+        .collect();
+    let expected: Vec<i64> = (0..=updates.len() as i64).collect();
+    assert_eq!(versions, expected, "in order per ticket");
+    for (message, update) in of_first[1..].iter().zip(updates) {
+        assert_eq!(message.subject, "ticket.updated");
+        assert_eq!(&message.payload, update);
+    }
+}
