@@ -231,3 +231,37 @@ async fn a_republished_event_is_dropped_by_jetstream_and_still_completed() {
     assert_eq!(stream_messages(&nats.url(), STREAM).await.len(), 1);
     assert!(store.list_events(10, None).await.expect("list").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_stops_when_everything_it_claims_must_wait() {
+    let nats = NatsServer::start().expect("nats");
+    let (store, _dir) = store().await;
+    let d = dispatcher(&store, publisher(&nats, "w").await, "w", 2);
+    let t = store.create_ticket(&ticket("show")).await.expect("create");
+    for v in 0..5 {
+        store
+            .update_ticket(t.id, v, &changes(&format!("v{}", v + 1)))
+            .await
+            .expect("update");
+    }
+    let events = store.list_events(10, None).await.expect("list");
+    // v0 is held by a live claim elsewhere; v1..v5 are due but must wait behind it.
+    let elsewhere = common::store::Lease::new("elsewhere", Duration::from_secs(30));
+    store
+        .claim_fresh(&[events[0].id], &elsewhere)
+        .await
+        .expect("claim");
+    let later: Vec<EventId> = events[1..].iter().map(|e| e.id).collect();
+    store.unlock_events(&later).await.expect("unlock");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let outcome = d
+        .sweep(Duration::from_secs(30), &stop)
+        .await
+        .expect("sweep");
+    assert_eq!(
+        (outcome.claimed, outcome.deferred, outcome.published),
+        (2, 2, 0),
+        "one step, not a spin until the budget is spent"
+    );
+    assert!(stream_messages(&nats.url(), STREAM).await.is_empty());
+}

@@ -114,7 +114,8 @@ impl Dispatcher {
     }
 
     /// Sweep steps until the outbox has nothing due, a step saw a failure (NATS is down: wait for
-    /// the next tick), `budget` is spent, or `stop` is cancelled (a step in flight finishes).
+    /// the next tick) or delivered nothing, `budget` is spent, or `stop` is cancelled (a step in
+    /// flight finishes).
     pub async fn sweep(
         &self,
         budget: Duration,
@@ -127,7 +128,15 @@ impl Dispatcher {
             let step = self.sweep_once().await?;
             total.add(step);
             let drained = step.claimed < self.config.sweep_batch;
-            if drained || step.failed > 0 || started.elapsed() >= budget || stop.is_cancelled() {
+            // A full batch that delivered nothing was all waiting behind older events held
+            // elsewhere: claiming it again now would spin.
+            let stuck = step.published == 0;
+            if drained
+                || stuck
+                || step.failed > 0
+                || started.elapsed() >= budget
+                || stop.is_cancelled()
+            {
                 return Ok(total);
             }
         }
