@@ -12,7 +12,7 @@ use crate::domain::{
     TicketId,
 };
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -22,6 +22,8 @@ use tokio::sync::Notify;
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
 const MAX_IDLE_READERS: usize = 8;
 const FEED_BATCH: i64 = 512;
+/// Most values bound in one `IN (...)` list (SQLite allows 32,766 variables).
+const IN_LIST_MAX: usize = 500;
 const FEED_NAME: &str = "change-feed";
 const EVENT_COLS: &str = "id, subject, data, aggregate_id, version, is_locked, locked_until, \
                           locked_by, failures, attempts, created_at, alerted_at";
@@ -45,6 +47,12 @@ impl Default for SqliteOptions {
             write_outbox: true,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Durability {
+    Durable,
+    Bookkeeping,
 }
 
 #[derive(Clone)]
@@ -89,7 +97,33 @@ impl SqliteStore {
         &self.inner.path
     }
 
+    /// A ticket write: the transaction is on disk (fsync) before it returns.
     async fn write<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &SqliteOptions) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.write_with(op, Durability::Durable, f).await
+    }
+
+    /// Outbox bookkeeping (claims, deliveries, failures, alerts, the feed position): committed
+    /// without waiting for an fsync. Losing the last of these in a power cut is harmless: a lost
+    /// claim expires, a lost delete republishes an event JetStream drops as a duplicate, and the
+    /// next durable commit (WAL order) makes everything before it durable anyway.
+    async fn write_bookkeeping<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &SqliteOptions) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.write_with(op, Durability::Bookkeeping, f).await
+    }
+
+    async fn write_with<T, F>(
+        &self,
+        op: &'static str,
+        durability: Durability,
+        f: F,
+    ) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection, &SqliteOptions) -> rusqlite::Result<T> + Send + 'static,
@@ -100,7 +134,13 @@ impl SqliteStore {
                 .writer
                 .lock()
                 .map_err(|_| StoreError::backend(op, "writer connection poisoned"))?;
-            f(&mut conn, &inner.options).map_err(|e| StoreError::backend(op, e))
+            let synchronous = match durability {
+                Durability::Durable => "FULL",
+                Durability::Bookkeeping => "NORMAL",
+            };
+            conn.pragma_update(None, "synchronous", synchronous)
+                .and_then(|()| f(&mut conn, &inner.options))
+                .map_err(|e| StoreError::backend(op, e))
         })
         .await
         .map_err(|e| StoreError::backend(op, e))?
@@ -174,6 +214,11 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
         tx.pragma_update(None, "user_version", i + 1)?;
     }
     tx.commit()
+}
+
+/// `?, ?, ?` for an `IN (...)` list of `n` values.
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(", ")
 }
 
 // ---- value mapping ----
@@ -441,22 +486,22 @@ impl Store for SqliteStore {
     ) -> Result<Vec<OutboxEvent>, StoreError> {
         let ids = ids.to_vec();
         let lease = lease.clone();
-        self.write("claim_fresh", move |conn, _| {
+        self.write_bookkeeping("claim_fresh", move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut claimed = Vec::with_capacity(ids.len());
-            {
+            for chunk in ids.chunks(IN_LIST_MAX) {
                 let mut stmt = tx.prepare_cached(&format!(
-                    "UPDATE events SET locked_by = ?1, locked_until = ?2 \
-                     WHERE id = ?3 AND is_locked = 1 AND locked_by IS NULL RETURNING {EVENT_COLS}"
+                    "UPDATE events SET locked_by = ?, locked_until = ? \
+                     WHERE id IN ({}) AND is_locked = 1 AND locked_by IS NULL \
+                     RETURNING {EVENT_COLS}",
+                    placeholders(chunk.len())
                 ))?;
-                for id in ids {
-                    let row = stmt
-                        .query_row(
-                            params![lease.token, ts(lease.until), id.to_hex()],
-                            event_from_row,
-                        )
-                        .optional()?;
-                    claimed.extend(row);
+                let args = [lease.token.clone(), ts(lease.until)]
+                    .into_iter()
+                    .chain(chunk.iter().map(EventId::to_hex));
+                let rows = stmt.query_map(params_from_iter(args), event_from_row)?;
+                for row in rows {
+                    claimed.push(row?);
                 }
             }
             tx.commit()?;
@@ -466,8 +511,19 @@ impl Store for SqliteStore {
     }
 
     async fn claim_due(&self, limit: usize, lease: &Lease) -> Result<Vec<OutboxEvent>, StoreError> {
+        // Nothing due (the common case): one index seek on a reader, no write lock taken.
+        let now = ts(Utc::now());
+        let any_due = self
+            .read("claim_due", move |c| {
+                c.prepare_cached("SELECT 1 FROM events WHERE locked_until <= ?1 LIMIT 1")?
+                    .exists([now])
+            })
+            .await?;
+        if !any_due {
+            return Ok(Vec::new());
+        }
         let lease = lease.clone();
-        self.write("claim_due", move |conn, _| {
+        self.write_bookkeeping("claim_due", move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let claimed = {
                 let mut stmt = tx.prepare_cached(&format!(
@@ -494,19 +550,23 @@ impl Store for SqliteStore {
     ) -> Result<Vec<PendingVersion>, StoreError> {
         let aggregates = aggregates.to_vec();
         self.read("pending_versions", move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT version, id FROM events WHERE aggregate_id = ?1 ORDER BY version",
-            )?;
             let mut out = Vec::new();
-            for aggregate_id in aggregates {
-                let rows = stmt.query_map([aggregate_id.to_hex()], |r| {
-                    let id: String = r.get(1)?;
-                    Ok(PendingVersion {
-                        aggregate_id,
-                        version: r.get(0)?,
-                        event_id: parse_oid(1, &id, EventId::parse)?,
-                    })
-                })?;
+            for chunk in aggregates.chunks(IN_LIST_MAX) {
+                let mut stmt = c.prepare_cached(&format!(
+                    "SELECT aggregate_id, version, id FROM events WHERE aggregate_id IN ({}) \
+                     ORDER BY aggregate_id, version",
+                    placeholders(chunk.len())
+                ))?;
+                let rows =
+                    stmt.query_map(params_from_iter(chunk.iter().map(TicketId::to_hex)), |r| {
+                        let aggregate: String = r.get(0)?;
+                        let id: String = r.get(2)?;
+                        Ok(PendingVersion {
+                            aggregate_id: parse_oid(0, &aggregate, TicketId::parse)?,
+                            version: r.get(1)?,
+                            event_id: parse_oid(2, &id, EventId::parse)?,
+                        })
+                    })?;
                 for row in rows {
                     out.push(row?);
                 }
@@ -518,15 +578,23 @@ impl Store for SqliteStore {
 
     async fn complete(&self, ids: &[EventId]) -> Result<(), StoreError> {
         let ids = ids.to_vec();
-        self.write("complete", move |conn, _| {
+        self.write_bookkeeping("complete", move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = Utc::now();
-            for id in ids {
-                if let Some(event) = select_event(&tx, id)? {
-                    if event.alerted_at.is_some() {
-                        queue_alert(&tx, &Alert::new(AlertKind::Resolved, event, now))?;
-                    }
-                    tx.execute("DELETE FROM events WHERE id = ?1", [id.to_hex()])?;
+            for chunk in ids.chunks(IN_LIST_MAX) {
+                let deleted = {
+                    let mut stmt = tx.prepare_cached(&format!(
+                        "DELETE FROM events WHERE id IN ({}) RETURNING {EVENT_COLS}",
+                        placeholders(chunk.len())
+                    ))?;
+                    stmt.query_map(
+                        params_from_iter(chunk.iter().map(EventId::to_hex)),
+                        event_from_row,
+                    )?
+                    .collect::<rusqlite::Result<Vec<_>>>()?
+                };
+                for event in deleted.into_iter().filter(|e| e.alerted_at.is_some()) {
+                    queue_alert(&tx, &Alert::new(AlertKind::Resolved, event, now))?;
                 }
             }
             tx.commit()
@@ -537,7 +605,7 @@ impl Store for SqliteStore {
     async fn release(&self, ids: &[EventId], lease: &Lease) -> Result<(), StoreError> {
         let ids = ids.to_vec();
         let token = lease.token.clone();
-        self.write("release", move |conn, _| {
+        self.write_bookkeeping("release", move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             {
                 let mut stmt = tx.prepare_cached(
@@ -564,7 +632,7 @@ impl Store for SqliteStore {
         let ids = ids.to_vec();
         let token = lease.token.clone();
         let error = error.to_owned();
-        self.write("record_failure", move |conn, _| {
+        self.write_bookkeeping("record_failure", move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let now = Utc::now();
             let mut alerted = Vec::new();
@@ -613,7 +681,7 @@ impl Store for SqliteStore {
 
     async fn claim_alerts(&self, limit: usize, lease: &Lease) -> Result<Vec<Alert>, StoreError> {
         let until = ts(lease.until);
-        self.write("claim_alerts", move |conn, _| {
+        self.write_bookkeeping("claim_alerts", move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let alerts = {
                 let mut stmt = tx.prepare_cached(
@@ -632,7 +700,7 @@ impl Store for SqliteStore {
 
     async fn delete_alert(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_owned();
-        self.write("delete_alert", move |conn, _| {
+        self.write_bookkeeping("delete_alert", move |conn, _| {
             conn.execute("DELETE FROM alerts WHERE id = ?1", [id])
                 .map(drop)
         })
@@ -641,7 +709,7 @@ impl Store for SqliteStore {
 
     async fn release_alert(&self, id: &str) -> Result<(), StoreError> {
         let id = id.to_owned();
-        self.write("release_alert", move |conn, _| {
+        self.write_bookkeeping("release_alert", move |conn, _| {
             conn.execute(
                 "UPDATE alerts SET attempts = attempts + 1, locked_until = ?1 WHERE id = ?2",
                 params![ts(Utc::now()), id],
@@ -718,7 +786,7 @@ impl Store for SqliteStore {
 
     async fn save_feed_position(&self, position: &FeedPosition) -> Result<(), StoreError> {
         let position = position.0.clone();
-        self.write("save_feed_position", move |conn, _| {
+        self.write_bookkeeping("save_feed_position", move |conn, _| {
             conn.execute(
                 "INSERT INTO feed_positions (name, position) VALUES (?1, ?2) \
                  ON CONFLICT (name) DO UPDATE SET position = excluded.position",
@@ -787,7 +855,7 @@ impl Store for SqliteStore {
 
     async fn unlock_events(&self, ids: &[EventId]) -> Result<u64, StoreError> {
         let ids = ids.to_vec();
-        self.write("unlock_events", move |conn, _| {
+        self.write_bookkeeping("unlock_events", move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let mut n = 0;
             {
