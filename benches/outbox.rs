@@ -1,0 +1,950 @@
+//! Outbox benchmarks: `cargo bench --bench outbox` (full) or `cargo bench --bench outbox --
+//! --quick` (CI smoke run: small sizes, no assertion on speed).
+//!
+//! Starts its own `nats-server -js` (ticketing::harness::NatsServer), runs the service in-process
+//! (and `ticketing all` as a child process for the memory scenario), and prints one table. Every
+//! scenario measures its own baseline in the same run, so the figures that matter are ratios:
+//! the machine is small (2 cores) and shared.
+//!
+//! 1. Create-ticket throughput over HTTP, 64 clients: (a) store only, outbox write disabled,
+//!    (b) the real path (`run_all`: ticket + event in one transaction, the change feed publishing
+//!    concurrently), (c) save then publish to JetStream and await the PubAck before answering.
+//! 2. Commit-to-receipt latency under (b) at 50% of its measured peak, open loop.
+//! 3. Backlog drain by sweeps of 1,000 against raw JetStream publishing of the same messages.
+//! 4. Sweep cost (empty claim, 1,000-event claim) with 1k / 100k / 1M rows waiting.
+//! 5. Peak RSS of `ticketing all` draining the scenario-3 backlog.
+
+#[path = "outbox/env.rs"]
+mod env;
+#[path = "outbox/load.rs"]
+mod load;
+#[path = "outbox/seed.rs"]
+mod seed;
+#[path = "outbox/stores.rs"]
+mod stores;
+
+use anyhow::{Context, bail, ensure};
+use async_nats::jetstream::{self, stream};
+use common::store::sqlite::SqliteOptions;
+use common::store::{Lease, SqliteStore};
+use common::{Store, TicketId};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use std::collections::HashMap;
+use std::future::IntoFuture;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use stores::{AfterWrite, CommitTimes, Decorated};
+use ticketing::harness::{NatsServer, free_port};
+use ticketing::ops::Probes;
+use ticketing::settings::{DeliverySettings, NatsSettings};
+use ticketing::startup::{Application, SWEEP_BUDGET, run_all};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsConfig};
+
+const JWT_KEY: &str = "bench-secret";
+const STREAM: &str = "ticketing";
+const CLIENTS: usize = 64;
+const BATCH: usize = 1000;
+const LEASE: Duration = Duration::from_secs(30);
+const MIB: f64 = 1024.0;
+
+struct Plan {
+    quick: bool,
+    http_warmup: Duration,
+    http_measure: Duration,
+    http_rounds: usize,
+    latency_warmup_secs: f64,
+    latency_secs: f64,
+    rtt_samples: usize,
+    backlog: usize,
+    sweep_sizes: Vec<usize>,
+    sweep_reps: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                quick,
+                http_warmup: Duration::from_millis(300),
+                http_measure: Duration::from_secs(1),
+                http_rounds: 1,
+                latency_warmup_secs: 0.3,
+                latency_secs: 1.0,
+                rtt_samples: 200,
+                backlog: 5_000,
+                sweep_sizes: vec![1_000, 10_000],
+                sweep_reps: 3,
+            }
+        } else {
+            Self {
+                quick,
+                http_warmup: Duration::from_secs(1),
+                http_measure: Duration::from_secs(4),
+                http_rounds: 5,
+                latency_warmup_secs: 1.0,
+                latency_secs: 10.0,
+                rtt_samples: 2_000,
+                backlog: 100_000,
+                sweep_sizes: vec![1_000, 100_000, 1_000_000],
+                sweep_reps: 11,
+            }
+        }
+    }
+}
+
+/// One line of the result table.
+struct Row {
+    id: String,
+    what: String,
+    measured: String,
+    baseline: String,
+    ratio: String,
+    target: String,
+    verdict: &'static str,
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
+
+fn main() -> anyhow::Result<()> {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building the tokio runtime")?;
+    runtime.block_on(run(Plan::new(quick)))
+}
+
+async fn run(plan: Plan) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let load_before = env::load_average();
+    println!(
+        "outbox benchmarks ({} mode)",
+        if plan.quick { "quick" } else { "full" }
+    );
+    println!("hardware: {}", env::hardware());
+    println!("versions: {}", env::versions());
+    println!("load average at start: {load_before}");
+    let nats = NatsServer::start().context("starting nats-server -js")?;
+    let url = nats.url();
+    let token = api::JwtKey::new(JWT_KEY)
+        .sign("bench-user", "bench@example.com")
+        .context("signing a JWT")?;
+    let mut rows = Vec::new();
+
+    println!(
+        "\n[1] create-ticket throughput, {CLIENTS} clients (load {})",
+        env::load_average()
+    );
+    let peak_b = scenario_throughput(&plan, &url, &token, &mut rows).await?;
+    println!(
+        "\n[2] commit-to-receipt latency at 50% of 1b's peak (load {})",
+        env::load_average()
+    );
+    scenario_latency(&plan, &url, &token, peak_b, &mut rows).await?;
+    println!(
+        "\n[3] backlog drain of {} events (load {})",
+        plan.backlog,
+        env::load_average()
+    );
+    scenario_drain(&plan, &url, &mut rows).await?;
+    println!(
+        "\n[4] sweep cost versus backlog size (load {})",
+        env::load_average()
+    );
+    scenario_sweep_cost(&plan, &mut rows).await?;
+    println!(
+        "\n[5] peak RSS of `ticketing all` draining the backlog (load {})",
+        env::load_average()
+    );
+    scenario_memory(&plan, &url, &mut rows).await?;
+
+    println!(
+        "\nhardware: {}\nversions: {}\nload average: {load_before} at start, {} at end; {:.0} s in all",
+        env::hardware(),
+        env::versions(),
+        env::load_average(),
+        started.elapsed().as_secs_f64()
+    );
+    println!(
+        "\n| # | scenario | measured | baseline (same run) | ratio | target | result |\n|---|---|---|---|---|---|---|"
+    );
+    for r in &rows {
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.id, r.what, r.measured, r.baseline, r.ratio, r.target, r.verdict
+        );
+    }
+    if plan.quick {
+        println!("\n(quick mode: small sizes, figures indicative only; nothing is asserted)");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Servers and services
+
+fn delivery_settings(url: &str, client: &str) -> DeliverySettings {
+    DeliverySettings {
+        nats: NatsSettings {
+            nats_url: url.to_owned(),
+            nats_cluster_id: STREAM.to_owned(),
+            nats_client_id: Some(client.to_owned()),
+            nats_duplicate_window_secs: 120,
+            nats_ack_timeout_secs: 5,
+        },
+        alert_webhook_url: None,
+        alert_threshold: 5,
+        sweep_batch_size: BATCH as u64,
+    }
+}
+
+/// A JetStream context configured as the product's publisher is.
+async fn jetstream(url: &str) -> anyhow::Result<jetstream::Context> {
+    let client = async_nats::connect(url)
+        .await
+        .context("connecting to NATS")?;
+    Ok(jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .max_ack_inflight(5_000)
+        .build(client))
+}
+
+/// Deletes the stream (its messages and its duplicate-detection state) and creates it again as
+/// the product does, so each phase starts from an empty stream.
+async fn reset_stream(url: &str) -> anyhow::Result<jetstream::Context> {
+    let js = jetstream(url).await?;
+    // Absent on first use: not an error.
+    let _ = js.delete_stream(STREAM).await;
+    js.create_stream(stream::Config {
+        name: STREAM.to_owned(),
+        subjects: vec!["ticket.>".to_owned()],
+        storage: stream::StorageType::File,
+        duplicate_window: Duration::from_secs(120),
+        ..Default::default()
+    })
+    .await
+    .context("creating the JetStream stream")?;
+    Ok(js)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Variant {
+    StoreOnly,
+    Outbox,
+    Naive,
+}
+
+impl Variant {
+    fn label(self) -> &'static str {
+        match self {
+            Variant::StoreOnly => "1a store only (outbox write off)",
+            Variant::Outbox => "1b outbox + change feed (`ticketing all`)",
+            Variant::Naive => "1c save, then publish + await PubAck",
+        }
+    }
+}
+
+struct Service {
+    addr: SocketAddr,
+    store: SqliteStore,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Service {
+    async fn start(
+        variant: Variant,
+        url: &str,
+        clock: Option<CommitTimes>,
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let store = SqliteStore::open(
+            dir.path().join("tickets.db"),
+            SqliteOptions {
+                write_outbox: variant == Variant::Outbox,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let shutdown = CancellationToken::new();
+        let api_store: Arc<dyn Store> = match (variant, clock) {
+            (Variant::Naive, _) => Arc::new(Decorated::new(
+                store.clone(),
+                AfterWrite::Publish(Box::new(jetstream(url).await?)),
+            )),
+            (_, Some(times)) => Arc::new(Decorated::new(store.clone(), AfterWrite::Clock(times))),
+            _ => Arc::new(store.clone()),
+        };
+        let (addr, task) = if variant == Variant::Outbox {
+            // What `ticketing all` runs: the API, the change feed, the in-process sweep schedule.
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+            let schedule = cron::Schedule::from_str("*/10 * * * * *")?;
+            let settings = delivery_settings(url, "bench-all");
+            let token = shutdown.clone();
+            let task = tokio::spawn(async move {
+                run_all(addr, JWT_KEY, api_store, &settings, schedule, LEASE, token).await
+            });
+            wait_listening(addr, || task.is_finished()).await?;
+            (addr, task)
+        } else {
+            // What `ticketing api` serves (its probes, the metrics recorder), on a free port.
+            let probes = Arc::new(Probes {
+                role: "api",
+                store: Some(api_store.clone()),
+                nats: None,
+                nats_required: false,
+                redis: None,
+                alert_threshold: i64::MAX,
+            });
+            let app =
+                Application::build((Ipv4Addr::LOCALHOST, 0).into(), api_store, JWT_KEY, probes)
+                    .await?;
+            let addr = app.local_addr()?;
+            (addr, tokio::spawn(app.run_until_stopped(shutdown.clone())))
+        };
+        Ok(Self {
+            addr,
+            store,
+            shutdown,
+            task,
+            _dir: dir,
+        })
+    }
+
+    async fn outbox_depth(&self) -> anyhow::Result<u64> {
+        Ok(self.store.outbox_stats(5).await?.depth)
+    }
+
+    /// Polls until the outbox is empty; returns how long that took.
+    async fn wait_outbox_empty(&self, within: Duration) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        while self.outbox_depth().await? > 0 {
+            ensure!(
+                t.elapsed() < within,
+                "the outbox did not drain within {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(t.elapsed())
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task)
+            .await
+            .context("the service did not stop within 30 s")?
+            .context("service task")??;
+        Ok(())
+    }
+}
+
+async fn wait_listening(addr: SocketAddr, mut exited: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        ensure!(!exited(), "the service exited during start-up");
+        ensure!(
+            Instant::now() < deadline,
+            "nothing listens on {addr} after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 1
+
+/// Returns 1b's median throughput (the peak the latency scenario paces against).
+async fn scenario_throughput(
+    plan: &Plan,
+    url: &str,
+    token: &str,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<f64> {
+    let variants = [Variant::StoreOnly, Variant::Outbox, Variant::Naive];
+    let mut runs: HashMap<Variant, Vec<f64>> = HashMap::new();
+    let mut client_p99: HashMap<Variant, Vec<f64>> = HashMap::new();
+    for round in 0..plan.http_rounds {
+        // Rotate the order each round so no variant always runs first (or last).
+        for k in 0..variants.len() {
+            let variant = variants[(round + k) % variants.len()];
+            reset_stream(url).await?;
+            let service = Service::start(variant, url, None).await?;
+            let t = load::closed_loop(
+                service.addr,
+                token,
+                CLIENTS,
+                plan.http_warmup,
+                plan.http_measure,
+            )
+            .await?;
+            let mut extra = String::new();
+            if variant == Variant::Outbox {
+                let left = service.outbox_depth().await?;
+                let drained = service.wait_outbox_empty(Duration::from_secs(60)).await?;
+                extra = format!(
+                    "; outbox when the load stopped: {left} events, empty {:.0} ms later",
+                    drained.as_secs_f64() * 1e3
+                );
+            }
+            service.stop().await?;
+            ensure!(
+                t.errors == 0,
+                "{}: {} requests failed",
+                variant.label(),
+                t.errors
+            );
+            println!(
+                "  round {} {:<44} {:>8.0} req/s  (client latency p50 {:.1} ms, p99 {:.1} ms){extra}",
+                round + 1,
+                variant.label(),
+                t.rps(),
+                t.p50_ms,
+                t.p99_ms
+            );
+            runs.entry(variant).or_default().push(t.rps());
+            client_p99.entry(variant).or_default().push(t.p99_ms);
+        }
+    }
+    let med = |v: Variant| load::median(runs.get(&v).map(Vec::as_slice).unwrap_or(&[]));
+    let (a, b, c) = (
+        med(Variant::StoreOnly),
+        med(Variant::Outbox),
+        med(Variant::Naive),
+    );
+    let rounds = if plan.http_rounds > 1 {
+        format!(" (median of {})", plan.http_rounds)
+    } else {
+        String::new()
+    };
+    rows.push(Row {
+        id: "1a".into(),
+        what: format!("{}, req/s{rounds}", Variant::StoreOnly.label()),
+        measured: format!("{a:.0}"),
+        baseline: "(baseline)".into(),
+        ratio: "1.00".into(),
+        target: "-".into(),
+        verdict: "-",
+    });
+    rows.push(Row {
+        id: "1b".into(),
+        what: format!("{}, req/s{rounds}", Variant::Outbox.label()),
+        measured: format!("{b:.0}"),
+        baseline: format!("1a: {a:.0}"),
+        ratio: format!("{:.2}", b / a),
+        target: ">= 0.85 x 1a".into(),
+        verdict: verdict(b / a >= 0.85),
+    });
+    rows.push(Row {
+        id: "1c".into(),
+        what: format!("{}, req/s{rounds}", Variant::Naive.label()),
+        measured: format!("{c:.0}"),
+        baseline: format!("1a: {a:.0}"),
+        ratio: format!("{:.2}", c / a),
+        target: "-".into(),
+        verdict: "-",
+    });
+    rows.push(Row {
+        id: "1b/1c".into(),
+        what: "outbox path versus publishing in the request".into(),
+        measured: format!("1b: {b:.0}"),
+        baseline: format!("1c: {c:.0}"),
+        ratio: format!("{:.2}", b / c),
+        target: ">= 1.00".into(),
+        verdict: verdict(b >= c),
+    });
+    Ok(b)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 2
+
+async fn scenario_latency(
+    plan: &Plan,
+    url: &str,
+    token: &str,
+    peak_b: f64,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    // Baseline: what one JetStream publish costs from this process, publish to PubAck.
+    let js = reset_stream(url).await?;
+    let mut rtt = Vec::with_capacity(plan.rtt_samples);
+    for i in 0..plan.rtt_samples {
+        let message = jetstream::message::PublishMessage::build()
+            .payload(format!("{{\"rtt\":{i}}}").into_bytes().into())
+            .message_id(format!("rtt-{i}"));
+        let t = Instant::now();
+        js.send_publish("ticket.rtt", message).await?.await?;
+        rtt.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (rtt50, rtt99) = (
+        load::percentile(&mut rtt, 50.0),
+        load::percentile(&mut rtt, 99.0),
+    );
+    drop(js);
+
+    reset_stream(url).await?;
+    let commits: CommitTimes = Arc::default();
+    let service = Service::start(Variant::Outbox, url, Some(commits.clone())).await?;
+    // A core NATS subscriber on ticket.> sees each message when the server routes the publish
+    // (the same moment JetStream stores it and answers the PubAck).
+    let sub_client = async_nats::connect(url).await?;
+    let mut sub = sub_client.subscribe("ticket.>").await?;
+    sub_client.flush().await?;
+    let received: Arc<Mutex<HashMap<TicketId, Instant>>> = Arc::default();
+    let receiver = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let at = Instant::now();
+                let id = serde_json::from_slice::<serde_json::Value>(&msg.payload)
+                    .ok()
+                    .and_then(|v| v["id"].as_str().and_then(TicketId::parse));
+                if let (Some(id), Ok(mut map)) = (id, received.lock()) {
+                    map.insert(id, at);
+                }
+            }
+        })
+    };
+    let rate = (peak_b * 0.5).max(1.0);
+    let warm = (rate * plan.latency_warmup_secs) as usize;
+    let count = (rate * plan.latency_secs).max(10.0) as usize;
+    let paced = load::open_loop(service.addr, token, rate, warm + count).await?;
+    let measured: Vec<_> = paced[warm..].to_vec();
+    let ids: Vec<TicketId> = measured.iter().filter_map(|p| p.ticket).collect();
+    ensure!(
+        ids.len() == measured.len(),
+        "{} paced requests failed",
+        measured.len() - ids.len()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = {
+            let map = received.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+            ids.iter().filter(|id| map.contains_key(id)).count()
+        };
+        if got == ids.len() {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {got} of {} events reached NATS within 60 s",
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    receiver.abort();
+    service.stop().await?;
+    let commits = commits.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let received = received.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    let mut from_commit = Vec::with_capacity(ids.len());
+    let mut from_201 = Vec::with_capacity(ids.len());
+    for p in &measured {
+        let id = p.ticket.context("ticket id")?;
+        let recv = *received.get(&id).context("received")?;
+        let commit = *commits.get(&id).context("commit time")?;
+        from_commit.push(recv.saturating_duration_since(commit).as_secs_f64() * 1e3);
+        // Signed: the event may reach NATS before the client has read its 201.
+        let signed = if recv >= p.answered {
+            recv.duration_since(p.answered).as_secs_f64()
+        } else {
+            -p.answered.duration_since(recv).as_secs_f64()
+        };
+        from_201.push(signed * 1e3);
+    }
+    let (p50, p99, max) = (
+        load::percentile(&mut from_commit, 50.0),
+        load::percentile(&mut from_commit, 99.0),
+        load::percentile(&mut from_commit, 100.0),
+    );
+    let (h50, h99) = (
+        load::percentile(&mut from_201, 50.0),
+        load::percentile(&mut from_201, 99.0),
+    );
+    let mut http: Vec<f64> = measured
+        .iter()
+        .map(|p| p.answered.duration_since(p.sent).as_secs_f64() * 1e3)
+        .collect();
+    let http99 = load::percentile(&mut http, 99.0);
+    println!(
+        "  {} paced requests at {rate:.0} req/s: commit->receipt p50 {p50:.2} ms, p99 {p99:.2} ms, \
+         max {max:.2} ms; 201->receipt p50 {h50:.2} ms, p99 {h99:.2} ms; HTTP request p99 \
+         {http99:.2} ms; raw publish->PubAck p50 {rtt50:.2} ms, p99 {rtt99:.2} ms",
+        ids.len()
+    );
+    rows.push(Row {
+        id: "2".into(),
+        what: format!(
+            "commit -> JetStream receipt under 1b at {rate:.0} req/s (50% of peak), {} events",
+            ids.len()
+        ),
+        measured: format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
+        baseline: format!("raw publish->PubAck p50 {rtt50:.2} ms, p99 {rtt99:.2} ms"),
+        ratio: format!("p99 {:.1}x", p99 / rtt99),
+        target: "p99 < 20 ms".into(),
+        verdict: verdict(p99 < 20.0),
+    });
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 3
+
+fn publish_message(m: &seed::Message) -> jetstream::message::PublishMessage {
+    jetstream::message::PublishMessage::build()
+        .payload(m.payload.clone().into())
+        .message_id(&m.msg_id)
+}
+
+/// Raw publishing with the dispatcher's pipelining: send a batch, then await all its acks.
+async fn raw_batches(js: &jetstream::Context, msgs: &[seed::Message]) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    for chunk in msgs.chunks(BATCH) {
+        let mut acks = Vec::with_capacity(chunk.len());
+        for m in chunk {
+            acks.push(
+                js.send_publish(m.subject.clone(), publish_message(m))
+                    .await?
+                    .into_future(),
+            );
+        }
+        for ack in futures::future::join_all(acks).await {
+            let ack = ack?;
+            ensure!(!ack.duplicate, "unexpected duplicate");
+        }
+    }
+    Ok(t.elapsed())
+}
+
+/// Raw publishing with a sliding window of `BATCH` acks in flight (for reference).
+async fn raw_window(js: &jetstream::Context, msgs: &[seed::Message]) -> anyhow::Result<Duration> {
+    let t = Instant::now();
+    let mut inflight = FuturesUnordered::new();
+    for m in msgs {
+        if inflight.len() >= BATCH
+            && let Some(ack) = inflight.next().await
+        {
+            let _: async_nats::jetstream::publish::PublishAck = ack?;
+        }
+        inflight.push(
+            js.send_publish(m.subject.clone(), publish_message(m))
+                .await?
+                .into_future(),
+        );
+    }
+    while let Some(ack) = inflight.next().await {
+        ack?;
+    }
+    Ok(t.elapsed())
+}
+
+async fn scenario_drain(plan: &Plan, url: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let n = plan.backlog;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("tickets.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).await?;
+    let t = Instant::now();
+    seed::backlog(&path, n, seed::Waiting::Failed)?;
+    println!(
+        "  seeded {n} failed, unlocked events in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let msgs = seed::messages(&path)?;
+    ensure!(
+        msgs.len() == n,
+        "seeded {} events, expected {n}",
+        msgs.len()
+    );
+    let rate = |d: Duration| n as f64 / d.as_secs_f64();
+
+    let js = reset_stream(url).await?;
+    let ceiling1 = rate(raw_batches(&js, &msgs).await?);
+    let js = reset_stream(url).await?;
+    let window = rate(raw_window(&js, &msgs).await?);
+    drop(js);
+
+    // The drain: NATS is back, sweeps of 1,000 (RetryPublishingNATSEvents) until `events` is empty.
+    reset_stream(url).await?;
+    let publisher = Arc::new(
+        JetStreamPublisher::connect(NatsConfig {
+            url: url.to_owned(),
+            stream: STREAM.to_owned(),
+            client_name: "bench-drain".to_owned(),
+            duplicate_window: Duration::from_secs(120),
+            ack_timeout: Duration::from_secs(5),
+        })
+        .await?,
+    );
+    ensure!(
+        publisher.wait_connected(Duration::from_secs(10)).await,
+        "publisher did not connect"
+    );
+    publisher
+        .ensure_stream()
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let dispatcher = Dispatcher::new(
+        Arc::new(store.clone()),
+        publisher,
+        DispatchConfig {
+            claimer: "bench-drain".to_owned(),
+            lease: LEASE,
+            alert_threshold: 5,
+            sweep_batch: BATCH,
+        },
+    );
+    let counter = seed::connect(&path)?;
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(600);
+    let mut published = 0;
+    let never = CancellationToken::new();
+    loop {
+        // One RetryPublishingNATSEvents job: steps of BATCH until nothing is due (or its budget).
+        let sweep = dispatcher.sweep(SWEEP_BUDGET, &never).await?;
+        published += sweep.published;
+        ensure!(sweep.failed == 0, "publishing failed during the drain");
+        if seed::count_events(&counter)? == 0 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the drain took over 10 minutes");
+    }
+    let drain_time = t.elapsed();
+    let drain = rate(drain_time);
+    ensure!(published == n, "published {published} of {n}");
+
+    let js = reset_stream(url).await?;
+    let ceiling2 = rate(raw_batches(&js, &msgs).await?);
+    drop(js);
+    let ceiling = (ceiling1 + ceiling2) / 2.0;
+    println!(
+        "  raw batches of {BATCH}: {ceiling1:.0} and {ceiling2:.0} msg/s (before / after the drain); \
+         raw sliding window of {BATCH}: {window:.0} msg/s; drain: {drain:.0} events/s ({:.2} s)",
+        drain_time.as_secs_f64()
+    );
+    rows.push(Row {
+        id: "3".into(),
+        what: format!("backlog drain, {n} events, sweeps of {BATCH}, events/s"),
+        measured: format!("{drain:.0} ({:.2} s)", drain_time.as_secs_f64()),
+        baseline: format!("raw JetStream, batches of {BATCH}: {ceiling:.0}"),
+        ratio: format!("{:.2}", drain / ceiling),
+        target: ">= 0.50".into(),
+        verdict: verdict(drain / ceiling >= 0.5),
+    });
+    rows.push(Row {
+        id: "3'".into(),
+        what: format!("(reference) raw JetStream, sliding window of {BATCH} acks, msg/s"),
+        measured: format!("{window:.0}"),
+        baseline: format!("drain: {drain:.0}"),
+        ratio: format!("{:.2}", drain / window),
+        target: "-".into(),
+        verdict: "-",
+    });
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 4
+
+async fn time_claims(
+    store: &SqliteStore,
+    reps: usize,
+    expect: usize,
+    release: bool,
+) -> anyhow::Result<f64> {
+    let mut micros = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let lease = Lease::new("bench-sweep", LEASE);
+        let t = Instant::now();
+        let claimed = store.claim_due(BATCH, &lease).await?;
+        micros.push(t.elapsed().as_secs_f64() * 1e6);
+        ensure!(
+            claimed.len() == expect,
+            "claimed {}, expected {expect}",
+            claimed.len()
+        );
+        if release && !claimed.is_empty() {
+            // Due again (at the back of the queue) for the next repetition; not timed.
+            let ids: Vec<_> = claimed.iter().map(|e| e.id).collect();
+            store.release(&ids, &lease).await?;
+        }
+    }
+    Ok(load::median(&micros))
+}
+
+async fn scenario_sweep_cost(plan: &Plan, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let mut results: Vec<(usize, f64, f64)> = Vec::new();
+    for &n in &plan.sweep_sizes {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("tickets.db");
+        let store = SqliteStore::open(&path, SqliteOptions::default()).await?;
+        let t = Instant::now();
+        seed::backlog(&path, n, seed::Waiting::LockedFuture)?;
+        let seeded = t.elapsed();
+        // Warm the writer's statement cache and the page cache once, then time.
+        time_claims(&store, 1, 0, false).await?;
+        let empty = time_claims(&store, plan.sweep_reps, 0, false).await?;
+        seed::make_all_due(&path)?;
+        time_claims(&store, 1, BATCH.min(n), true).await?;
+        let claim = time_claims(&store, plan.sweep_reps, BATCH.min(n), true).await?;
+        if n == plan.sweep_sizes[0] {
+            for line in seed::claim_due_plan(&path)? {
+                println!("  claim_due query plan: {line}");
+            }
+        }
+        println!(
+            "  {n:>9} rows (seeded in {:.1} s): empty sweep {empty:.0} us, claim of {} {claim:.0} us \
+             (medians of {})",
+            seeded.as_secs_f64(),
+            BATCH.min(n),
+            plan.sweep_reps
+        );
+        results.push((n, empty, claim));
+    }
+    let (n0, empty0, claim0) = results[0];
+    for &(n, empty, claim) in &results {
+        let first = n == n0;
+        rows.push(Row {
+            id: "4".into(),
+            what: format!("empty sweep (claim_due finds 0), {n} rows locked, median us"),
+            measured: format!("{empty:.0}"),
+            baseline: if first {
+                "(baseline)".into()
+            } else {
+                format!("{n0} rows: {empty0:.0}")
+            },
+            ratio: format!("{:.2}", empty / empty0),
+            target: if first { "-".into() } else { "<= 2.0".into() },
+            verdict: if first {
+                "-"
+            } else {
+                verdict(empty / empty0 <= 2.0)
+            },
+        });
+        rows.push(Row {
+            id: "4".into(),
+            what: format!("claim_due of {BATCH}, {n} rows due, median us"),
+            measured: format!("{claim:.0}"),
+            baseline: if first {
+                "(baseline)".into()
+            } else {
+                format!("{n0} rows: {claim0:.0}")
+            },
+            ratio: format!("{:.2}", claim / claim0),
+            target: if first { "-".into() } else { "<= 2.0".into() },
+            verdict: if first {
+                "-"
+            } else {
+                verdict(claim / claim0 <= 2.0)
+            },
+        });
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenario 5
+
+/// A child process killed on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn scenario_memory(plan: &Plan, url: &str, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let n = plan.backlog;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("tickets.db");
+    // Migrate, then let go of the file: the child owns it.
+    drop(SqliteStore::open(&path, SqliteOptions::default()).await?);
+    seed::backlog(&path, n, seed::Waiting::Failed)?;
+    reset_stream(url).await?;
+    let port = free_port()?;
+    let log_path = dir.path().join("ticketing-all.log");
+    let log = std::fs::File::create(&log_path)?;
+    let bin = env!("CARGO_BIN_EXE_ticketing");
+    let child = std::process::Command::new(bin)
+        .arg("all")
+        .env_remove("MONGO_URI")
+        .env("JWT_KEY", JWT_KEY)
+        .env("PORT", port.to_string())
+        .env("SQLITE_PATH", &path)
+        .env("NATS_URL", url)
+        .env("NATS_CLUSTER_ID", STREAM)
+        .env("NATS_CLIENT_ID", "bench-all-child")
+        // Every second, so the drain starts within a second instead of up to ten.
+        .env("RETRY_SCHEDULE", "* * * * * *")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {bin}"))?;
+    let mut child = Child(child);
+    let pid = child.0.id();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    wait_listening(addr, || matches!(child.0.try_wait(), Ok(Some(_))))
+        .await
+        .with_context(|| {
+            format!(
+                "ticketing all did not start: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            )
+        })?;
+    let (_, idle_rss) = env::memory_kib(pid).context("reading /proc/PID/status")?;
+    let counter = seed::connect(&path)?;
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(600);
+    let mut peak = 0;
+    loop {
+        if let Some((hwm, _)) = env::memory_kib(pid) {
+            peak = peak.max(hwm);
+        }
+        if seed::count_events(&counter)? == 0 {
+            break;
+        }
+        if let Ok(Some(status)) = child.0.try_wait() {
+            bail!(
+                "ticketing all exited ({status}) during the drain: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        ensure!(Instant::now() < deadline, "the drain took over 10 minutes");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let drained = t.elapsed();
+    if let Some((hwm, _)) = env::memory_kib(pid) {
+        peak = peak.max(hwm);
+    }
+    drop(child);
+    let peak_mib = peak as f64 / MIB;
+    let idle_mib = idle_rss as f64 / MIB;
+    println!(
+        "  ticketing all (pid {pid}): RSS {idle_mib:.1} MiB when listening, VmHWM {peak_mib:.1} MiB \
+         after draining {n} events in {:.1} s (including the wait for the first 1 s tick)",
+        drained.as_secs_f64()
+    );
+    rows.push(Row {
+        id: "5".into(),
+        what: format!("peak RSS (VmHWM) of `ticketing all` draining {n} events"),
+        measured: format!("{peak_mib:.1} MiB"),
+        baseline: format!("idle RSS {idle_mib:.1} MiB"),
+        ratio: format!("{:.2}", peak_mib / idle_mib),
+        target: "< 150 MiB".into(),
+        verdict: verdict(peak_mib < 150.0),
+    });
+    Ok(())
+}
