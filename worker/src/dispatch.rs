@@ -105,17 +105,23 @@ impl Dispatcher {
     /// One sweep step: claims up to `sweep_batch` unlocked or lock-expired events and retries
     /// them.
     pub async fn sweep_once(&self) -> Result<Outcome, StoreError> {
+        let (lease, claimed) = self.claim_step().await?;
+        self.dispatch(claimed, &lease, Path::Sweep).await
+    }
+
+    async fn claim_step(&self) -> Result<(Lease, Vec<OutboxEvent>), StoreError> {
         let lease = self.lease();
         let claimed = self
             .store
             .claim_due(self.config.sweep_batch, &lease)
             .await?;
-        self.dispatch(claimed, &lease, Path::Sweep).await
+        Ok((lease, claimed))
     }
 
     /// Sweep steps until the outbox has nothing due, a step saw a failure (NATS is down: wait for
     /// the next tick) or delivered nothing, `budget` is spent, or `stop` is cancelled (a step in
-    /// flight finishes).
+    /// flight finishes). While a full step publishes, the next step's claim runs alongside it;
+    /// a claim made for a step that will not run is released (not a failure).
     pub async fn sweep(
         &self,
         budget: Duration,
@@ -124,22 +130,51 @@ impl Dispatcher {
         let started = Instant::now();
         let mut total = Outcome::default();
         metrics::counter!("outbox_sweeps_total").increment(1);
-        loop {
-            let step = self.sweep_once().await?;
+        let mut next = Some(self.claim_step().await?);
+        while let Some((lease, claimed)) = next.take() {
+            let full = claimed.len() >= self.config.sweep_batch;
+            let (step, prefetched) = if full && started.elapsed() < budget && !stop.is_cancelled() {
+                let (step, prefetched) = tokio::join!(
+                    self.dispatch(claimed, &lease, Path::Sweep),
+                    self.claim_step()
+                );
+                (step, Some(prefetched))
+            } else {
+                (self.dispatch(claimed, &lease, Path::Sweep).await, None)
+            };
+            let prefetched = prefetched.transpose();
+            let (step, prefetched) = match (step, prefetched) {
+                (Ok(step), Ok(prefetched)) => (step, prefetched),
+                (Err(e), Ok(Some((lease, claimed)))) => {
+                    self.release_all(&claimed, &lease).await?;
+                    return Err(e);
+                }
+                (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
+            };
             total.add(step);
             let drained = step.claimed < self.config.sweep_batch;
             // A full batch that delivered nothing was all waiting behind older events held
             // elsewhere: claiming it again now would spin.
             let stuck = step.published == 0;
-            if drained
+            let done = drained
                 || stuck
                 || step.failed > 0
                 || started.elapsed() >= budget
-                || stop.is_cancelled()
-            {
-                return Ok(total);
+                || stop.is_cancelled();
+            match prefetched {
+                Some((lease, claimed)) if done => self.release_all(&claimed, &lease).await?,
+                prefetched => next = prefetched,
             }
         }
+        Ok(total)
+    }
+
+    async fn release_all(&self, claimed: &[OutboxEvent], lease: &Lease) -> Result<(), StoreError> {
+        if claimed.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<EventId> = claimed.iter().map(|e| e.id).collect();
+        self.store.release(&ids, lease).await
     }
 
     /// Publishes what `lease` holds, oldest version first per ticket, and records the outcomes.
