@@ -169,16 +169,9 @@ fn write_stats(out: &mut impl Write, s: &OutboxStats, threshold: i64) -> std::io
 }
 
 fn list_json(e: &OutboxEvent) -> serde_json::Value {
-    json!({
-        "id": e.id,
-        "subject": e.subject,
-        "aggregateId": e.aggregate_id,
-        "version": e.version,
-        "attempts": e.attempts,
-        "lastError": e.last_error(),
-        "createdAt": e.created_at,
-        "isLocked": e.is_locked,
-    })
+    let mut row = e.summary();
+    row["isLocked"] = json!(e.is_locked);
+    row
 }
 
 fn write_list(out: &mut impl Write, events: &[OutboxEvent]) -> std::io::Result<()> {

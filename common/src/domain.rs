@@ -302,6 +302,20 @@ impl OutboxEvent {
     pub fn last_error(&self) -> Option<&str> {
         self.failures.last().map(|f| f.error.as_str())
     }
+
+    /// What people are shown of an event (alerts, `ticketing outbox list --json`): id, subject,
+    /// aggregateId, version, attempts, lastError, createdAt.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "id": self.id,
+            "subject": self.subject,
+            "aggregateId": self.aggregate_id,
+            "version": self.version,
+            "attempts": self.attempts,
+            "lastError": self.last_error(),
+            "createdAt": self.created_at,
+        })
+    }
 }
 
 #[cfg(test)]

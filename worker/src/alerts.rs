@@ -118,14 +118,6 @@ pub fn payload(alert: &Alert) -> Value {
     json!({
         "text": text,
         "resolved": resolved,
-        "event": {
-            "id": e.id,
-            "subject": e.subject,
-            "aggregateId": e.aggregate_id,
-            "version": e.version,
-            "attempts": e.attempts,
-            "lastError": e.last_error(),
-            "createdAt": e.created_at,
-        }
+        "event": e.summary(),
     })
 }
