@@ -121,7 +121,8 @@ impl JetStreamPublisher {
         if *ready {
             return Ok(());
         }
-        self.js
+        let created = self
+            .js
             .get_or_create_stream(stream::Config {
                 name: self.config.stream.clone(),
                 subjects: vec![STREAM_SUBJECTS.to_owned()],
@@ -129,13 +130,16 @@ impl JetStreamPublisher {
                 duplicate_window: self.config.duplicate_window,
                 ..Default::default()
             })
-            .await
-            .map_err(|e| {
-                format!(
+            .await;
+        if let Err(e) = created {
+            // Another worker may have created it between our lookup and our create.
+            if self.js.get_stream(&self.config.stream).await.is_err() {
+                return Err(format!(
                     "cannot get or create JetStream stream {}: {e}",
                     self.config.stream
-                )
-            })?;
+                ));
+            }
+        }
         tracing::info!(stream = %self.config.stream, "JetStream stream ready");
         *ready = true;
         Ok(())
