@@ -98,7 +98,7 @@ async fn health_readiness_metrics_and_request_ids_of_all() {
         .to_owned();
     assert_eq!(generated.len(), 24, "generated when absent");
 
-    let page = eventually(LONG, "5 events published", || async {
+    let page = eventually(LONG, "5 events published and the outbox empty", || async {
         let page = client
             .get(format!("{base}/metrics"))
             .send()
@@ -108,7 +108,10 @@ async fn health_readiness_metrics_and_request_ids_of_all() {
             .await
             .ok()?;
         let published = metric_sum(&page, "outbox_publish_successes_total", &[])?;
-        (published >= 5.0).then_some(page)
+        // The gauges are read just before the counters are rendered: wait for a page where the
+        // last delete is seen by both.
+        let depth = metric_sum(&page, "outbox_depth", &[])?;
+        (published >= 5.0 && depth == 0.0).then_some(page)
     })
     .await;
     let created = metric_sum(
