@@ -282,6 +282,36 @@ impl MongoStore {
         }
     }
 
+    /// Locks those of `ids` that still match `condition` under `lease`, and returns them in the
+    /// order of `ids`. Each document's update is atomic and re-checks the filter, so of several
+    /// claimers exactly one matches each event; the token is unique per claim, so what carries it
+    /// is what this claim won.
+    async fn claim_ids(
+        &self,
+        op: &'static str,
+        ids: &[ObjectId],
+        condition: Document,
+        lease: &Lease,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let mut filter = doc! {"_id": {"$in": ids}};
+        filter.extend(condition);
+        self.events
+            .update_many(
+                filter,
+                doc! {"$set": {
+                    "isLocked": true,
+                    "lockedBy": &lease.token,
+                    "lockedUntil": to_bson_date(lease.until),
+                }},
+            )
+            .await
+            .map_err(|e| StoreError::backend(op, e))?;
+        let claimed = self
+            .find_events(op, doc! {"_id": {"$in": ids}, "lockedBy": &lease.token})
+            .await?;
+        Ok(in_order_of(claimed, ids))
+    }
+
     async fn find_docs(
         &self,
         op: &'static str,
@@ -950,26 +980,13 @@ impl Store for MongoStore {
             return Ok(Vec::new());
         }
         let ids = object_ids(ids);
-        // Each document's update is atomic and re-checks the filter, so of several replicas
-        // claiming the same event exactly one matches it.
-        self.events
-            .update_many(
-                doc! {"_id": {"$in": &ids}, "isLocked": true, "lockedBy": Bson::Null},
-                doc! {"$set": {
-                    "lockedBy": &lease.token,
-                    "lockedUntil": to_bson_date(lease.until),
-                }},
-            )
-            .await
-            .map_err(|e| StoreError::backend("claim_fresh", e))?;
-        // The token is unique per claim: what carries it is what this claim won.
-        let claimed = self
-            .find_events(
-                "claim_fresh",
-                doc! {"_id": {"$in": &ids}, "lockedBy": &lease.token},
-            )
-            .await?;
-        Ok(in_order_of(claimed, &ids))
+        self.claim_ids(
+            "claim_fresh",
+            &ids,
+            doc! {"isLocked": true, "lockedBy": Bson::Null},
+            lease,
+        )
+        .await
     }
 
     async fn claim_due(&self, limit: usize, lease: &Lease) -> Result<Vec<OutboxEvent>, StoreError> {
@@ -995,24 +1012,13 @@ impl Store for MongoStore {
             return Ok(Vec::new());
         }
         // Re-checked per document: a candidate another sweeper took meanwhile is not due now.
-        self.events
-            .update_many(
-                doc! {"_id": {"$in": &candidates}, "lockedUntil": {"$lte": now}},
-                doc! {"$set": {
-                    "isLocked": true,
-                    "lockedBy": &lease.token,
-                    "lockedUntil": to_bson_date(lease.until),
-                }},
-            )
-            .await
-            .map_err(|e| StoreError::backend("claim_due", e))?;
-        let claimed = self
-            .find_events(
-                "claim_due",
-                doc! {"_id": {"$in": &candidates}, "lockedBy": &lease.token},
-            )
-            .await?;
-        Ok(in_order_of(claimed, &candidates))
+        self.claim_ids(
+            "claim_due",
+            &candidates,
+            doc! {"lockedUntil": {"$lte": now}},
+            lease,
+        )
+        .await
     }
 
     async fn pending_versions(
