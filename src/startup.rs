@@ -234,10 +234,7 @@ pub async fn run_all(
         alert_threshold: delivery.alert_threshold,
     });
     let app = Application::build(addr, store, jwt_key, probes).await?;
-    let feed = tokio::spawn(worker::feed::run_change_feed(
-        d.dispatcher.clone(),
-        shutdown.clone(),
-    ));
+    let feed = tokio::spawn(worker::feed::run(d.dispatcher.clone(), shutdown.clone()));
     let tasks = vec![
         ("api", tokio::spawn(app.run_until_stopped(shutdown.clone()))),
         (
@@ -281,10 +278,7 @@ pub async fn run_worker(
         redis: Some(redis_client(&redis_url)?),
         alert_threshold: delivery.alert_threshold,
     });
-    let feed = tokio::spawn(worker::feed::run_change_feed(
-        d.dispatcher.clone(),
-        shutdown.clone(),
-    ));
+    let feed = tokio::spawn(worker::feed::run(d.dispatcher.clone(), shutdown.clone()));
     let runner = d.runner.clone();
     let name = d.name.clone();
     let jobs_shutdown = shutdown.clone();

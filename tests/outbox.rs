@@ -265,3 +265,116 @@ async fn a_sweep_stops_when_everything_it_claims_must_wait() {
     );
     assert!(stream_messages(&nats.url(), STREAM).await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_feed_gets_each_event_at_commit_already_claimed() {
+    let nats = NatsServer::start().expect("nats");
+    let (store, dir) = store().await;
+    let d = dispatcher(&store, publisher(&nats, "w").await, "w", 100);
+    let mut feed = store
+        .attach_local_feed("w", 16)
+        .expect("SQLite offers a local feed");
+
+    let t = store.create_ticket(&ticket("show")).await.expect("create");
+    store
+        .update_ticket(t.id, 0, &changes("v1"))
+        .await
+        .expect("update");
+    let v0 = feed.events.recv().await.expect("v0 handed over");
+    let v1 = feed.events.recv().await.expect("v1 handed over");
+    assert_eq!((v0.version, v1.version), (0, 1));
+    for handed in [&v0, &v1] {
+        assert_eq!(handed.locked_by.as_deref(), Some(feed.token.as_str()));
+        let stored = store.get_event(handed.id).await.expect("get").expect("row");
+        assert_eq!(&stored, handed, "what was handed over is the committed row");
+    }
+
+    // A writer in another process (a second store on the same file) has no local feed: its
+    // event stays fresh, and it is the first thing the tailing feed offers; the two events
+    // held by the local feed are passed over.
+    let other = SqliteStore::open(dir.path().join("t.db"), Default::default())
+        .await
+        .expect("open");
+    other
+        .create_ticket(&ticket("elsewhere"))
+        .await
+        .expect("create");
+    let fresh = newest_event(&store).await;
+    let mut tail = store.change_feed(None).await.expect("feed");
+    let first = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut tail))
+        .await
+        .expect("the tail offers the fresh event")
+        .expect("an item")
+        .expect("ok");
+    assert_eq!(first.event_id, fresh);
+
+    let outcome = d
+        .dispatch_handed_over(vec![v1, v0], &feed.token)
+        .await
+        .expect("dispatch");
+    assert_eq!((outcome.published, outcome.deferred), (2, 0));
+    let versions: Vec<i64> = stream_messages(&nats.url(), STREAM)
+        .await
+        .iter()
+        .map(|m| m.payload["version"].as_i64().expect("version"))
+        .collect();
+    assert_eq!(versions, [0, 1], "published in version order");
+    let left: Vec<EventId> = store
+        .list_events(10, None)
+        .await
+        .expect("list")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(left, [fresh], "delivered events are deleted");
+
+    // Once the feed is gone, new events are written fresh, for the tailing feed.
+    drop(feed);
+    store.create_ticket(&ticket("later")).await.expect("create");
+    let later = store
+        .get_event(newest_event(&store).await)
+        .await
+        .expect("get")
+        .expect("row");
+    assert_eq!((later.is_locked, later.locked_by), (true, None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_local_feed_releases_the_events_it_did_not_attempt() {
+    let nats = NatsServer::start().expect("nats");
+    let (store, _dir) = store().await;
+    let d = Arc::new(dispatcher(&store, publisher(&nats, "w").await, "w", 100));
+    let feed = store.attach_local_feed("w", 16).expect("local feed");
+    for i in 0..3 {
+        store
+            .create_ticket(&ticket(&format!("t{i}")))
+            .await
+            .expect("create");
+    }
+    let held = store.list_events(10, None).await.expect("list");
+    assert!(
+        held.iter()
+            .all(|e| e.locked_by.as_deref() == Some(feed.token.as_str()))
+    );
+
+    // Stopped before it attempted anything (SIGTERM): the three are released, due at once.
+    let stop = tokio_util::sync::CancellationToken::new();
+    stop.cancel();
+    worker::feed::run_local_feed(d.clone(), feed, stop).await;
+    let released = store.list_events(10, None).await.expect("list");
+    assert_eq!(released.len(), 3);
+    assert!(
+        released
+            .iter()
+            .all(|e| !e.is_locked && e.locked_by.is_none() && e.attempts == 0),
+        "released, and releasing is not a failure: {released:?}"
+    );
+    let swept = d.sweep_once().await.expect("sweep");
+    assert_eq!(swept.published, 3, "the next sweep delivers them");
+
+    // Written after the feed stopped: fresh, not claimed by a feed that is gone.
+    store.create_ticket(&ticket("after")).await.expect("create");
+    let after = store.list_events(10, None).await.expect("list");
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].locked_by, None);
+}

@@ -7,8 +7,8 @@
 
 use async_nats::jetstream;
 use common::store::{
-    Alert, ChangeFeed, FeedPosition, Lease, OutboxStats, Page, PendingVersion, SqliteStore,
-    UpdateOutcome,
+    Alert, ChangeFeed, FeedPosition, Lease, LocalFeed, OutboxStats, Page, PendingVersion,
+    SqliteStore, UpdateOutcome,
 };
 use common::{
     EventId, NewTicket, OutboxEvent, Store, StoreError, Subject, Ticket, TicketChanges, TicketId,
@@ -153,6 +153,10 @@ impl Store for Decorated {
 
     async fn release_alert(&self, id: &str) -> Result<(), StoreError> {
         self.inner.release_alert(id).await
+    }
+
+    fn attach_local_feed(&self, claimer: &str, capacity: usize) -> Option<LocalFeed> {
+        self.inner.attach_local_feed(claimer, capacity)
     }
 
     async fn change_feed(&self, from: Option<FeedPosition>) -> Result<ChangeFeed, StoreError> {

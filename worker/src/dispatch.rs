@@ -102,6 +102,38 @@ impl Dispatcher {
         self.dispatch(claimed, &lease, Path::ChangeFeed).await
     }
 
+    /// The first attempt on events the store handed over already claimed under `token` (a change
+    /// feed in the writer's process, see `Store::attach_local_feed`).
+    pub async fn dispatch_handed_over(
+        &self,
+        events: Vec<OutboxEvent>,
+        token: &str,
+    ) -> Result<Outcome, StoreError> {
+        let until = events
+            .iter()
+            .map(|e| e.locked_until)
+            .max()
+            .unwrap_or_else(chrono::Utc::now);
+        let lease = Lease {
+            token: token.to_owned(),
+            until,
+        };
+        self.dispatch(events, &lease, Path::ChangeFeed).await
+    }
+
+    /// Unlocks events held under `token` so the next sweep takes them (a local feed stopping).
+    pub async fn release_handed_over(
+        &self,
+        events: &[OutboxEvent],
+        token: &str,
+    ) -> Result<(), StoreError> {
+        let lease = Lease {
+            token: token.to_owned(),
+            until: chrono::Utc::now(),
+        };
+        self.release_all(events, &lease).await
+    }
+
     /// One sweep step: claims up to `sweep_batch` unlocked or lock-expired events and retries
     /// them.
     pub async fn sweep_once(&self) -> Result<Outcome, StoreError> {
@@ -285,29 +317,53 @@ impl Dispatcher {
         &self,
         claimed: Vec<OutboxEvent>,
     ) -> Result<(Vec<VecDeque<OutboxEvent>>, Vec<EventId>), StoreError> {
-        let mut mine: HashMap<EventId, OutboxEvent> =
-            claimed.into_iter().map(|e| (e.id, e)).collect();
-        let mut tickets: Vec<TicketId> = mine.values().map(|e| e.aggregate_id).collect();
-        tickets.sort();
-        tickets.dedup();
+        let mut by_ticket: BTreeMap<TicketId, Vec<OutboxEvent>> = BTreeMap::new();
+        for event in claimed {
+            by_ticket.entry(event.aggregate_id).or_default().push(event);
+        }
+        let mut chains = Vec::with_capacity(by_ticket.len());
+        let mut mine: HashMap<EventId, OutboxEvent> = HashMap::new();
+        let mut tickets: Vec<TicketId> = Vec::new();
+        for (ticket, mut events) in by_ticket {
+            events.sort_by_key(|e| e.version);
+            // Versions 0, 1, ..., k all held here: nothing older can be waiting anywhere, so
+            // no lookup is needed (every `ticket.created` event, the bulk of a backlog).
+            let from_zero = events
+                .iter()
+                .enumerate()
+                .all(|(i, e)| i64::try_from(i).is_ok_and(|i| i == e.version));
+            if from_zero {
+                chains.push(VecDeque::from(events));
+            } else {
+                tickets.push(ticket);
+                mine.extend(events.into_iter().map(|e| (e.id, e)));
+            }
+        }
+        if tickets.is_empty() {
+            return Ok((chains, Vec::new()));
+        }
         let mut pending = self.store.pending_versions(&tickets).await?;
         pending.sort_by_key(|p| (p.aggregate_id, p.version));
-        let mut chains: BTreeMap<TicketId, VecDeque<OutboxEvent>> = BTreeMap::new();
+        let mut looked_up: BTreeMap<TicketId, VecDeque<OutboxEvent>> = BTreeMap::new();
         let mut open: HashSet<TicketId> = tickets.iter().copied().collect();
         for p in pending {
             if !open.contains(&p.aggregate_id) {
                 continue;
             }
             match mine.remove(&p.event_id) {
-                Some(event) => chains.entry(p.aggregate_id).or_default().push_back(event),
+                Some(event) => looked_up
+                    .entry(p.aggregate_id)
+                    .or_default()
+                    .push_back(event),
                 // An older event of this ticket is not ours: everything after it waits.
                 None => {
                     open.remove(&p.aggregate_id);
                 }
             }
         }
+        chains.extend(looked_up.into_values());
         // Whatever is left was not reachable in order (or vanished meanwhile): it waits.
         let blocked: Vec<EventId> = mine.into_keys().collect();
-        Ok((chains.into_values().collect(), blocked))
+        Ok((chains, blocked))
     }
 }

@@ -4,7 +4,7 @@
 //! an event it misses is taken by the sweep once its fresh lock expires.
 
 use crate::dispatch::Dispatcher;
-use common::store::FeedPosition;
+use common::store::{FeedPosition, LocalFeed};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,6 +88,66 @@ pub async fn run_change_feed(dispatcher: Arc<Dispatcher>, shutdown: Cancellation
         }
     }
     tracing::info!("change feed consumer stopped");
+}
+
+/// Room in the channel of a local feed: beyond it, events stay fresh for the tailing feed.
+pub const LOCAL_FEED_CAPACITY: usize = 8_192;
+
+/// Runs the change feed: the local one when the store can hand events over in this process,
+/// together with the one that tails the store (for events written by other processes).
+pub async fn run(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
+    let claimer = dispatcher.config().claimer.clone();
+    match dispatcher
+        .store()
+        .attach_local_feed(&claimer, LOCAL_FEED_CAPACITY)
+    {
+        Some(local) => {
+            tokio::join!(
+                run_local_feed(dispatcher.clone(), local, shutdown.clone()),
+                run_change_feed(dispatcher, shutdown)
+            );
+        }
+        None => run_change_feed(dispatcher, shutdown).await,
+    }
+}
+
+/// The first attempt on events the store hands over at commit (already claimed for us): no read,
+/// no claim. On shutdown, events handed over but not attempted are released for the next sweep.
+pub async fn run_local_feed(
+    dispatcher: Arc<Dispatcher>,
+    mut feed: LocalFeed,
+    shutdown: CancellationToken,
+) {
+    tracing::info!("local change feed started (events handed over at commit)");
+    let mut batch = Vec::with_capacity(FEED_CHUNK);
+    loop {
+        let received = tokio::select! {
+            biased; // a stop wins over more work
+            _ = shutdown.cancelled() => break,
+            n = feed.events.recv_many(&mut batch, FEED_CHUNK) => n,
+        };
+        if received == 0 {
+            break; // the store is gone
+        }
+        let events = std::mem::replace(&mut batch, Vec::with_capacity(FEED_CHUNK));
+        if let Err(e) = dispatcher.dispatch_handed_over(events, &feed.token).await {
+            // The events stay claimed until their lease expires; the sweep takes them then.
+            tracing::error!(error = %common::store::error_chain(&e), "local change feed: dispatch failed");
+        }
+    }
+    // No more hand-overs (the store writes new events unclaimed from now on); release the rest.
+    feed.events.close();
+    let mut left = Vec::new();
+    while let Some(event) = feed.events.recv().await {
+        left.push(event);
+    }
+    if !left.is_empty()
+        && let Err(e) = dispatcher.release_handed_over(&left, &feed.token).await
+    {
+        tracing::warn!(error = %common::store::error_chain(&e), events = left.len(),
+            "local change feed: cannot release the events it did not attempt; the sweep takes them when their claim expires");
+    }
+    tracing::info!(released = left.len(), "local change feed stopped");
 }
 
 async fn save(dispatcher: &Dispatcher, position: &FeedPosition) {

@@ -69,6 +69,15 @@ pub struct FeedItem {
 
 pub type ChangeFeed = BoxStream<'static, Result<FeedItem, StoreError>>;
 
+/// Fresh events handed over in-process by the store that wrote them (see
+/// [`Store::attach_local_feed`]).
+pub struct LocalFeed {
+    /// The lease token the events were inserted under.
+    pub token: String,
+    /// Each event once its transaction has committed.
+    pub events: tokio::sync::mpsc::Receiver<OutboxEvent>,
+}
+
 /// A claim on events: who holds them and until when.
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -222,6 +231,17 @@ pub trait Store: Send + Sync + 'static {
     async fn release_alert(&self, id: &str) -> Result<(), StoreError>;
 
     // ---- change feed ----
+
+    /// A change feed in the writer's own process. From now on, while the returned channel has
+    /// room, this store inserts each new event already claimed under the returned token and
+    /// sends it on the channel once its transaction has committed: the feed neither reads nor
+    /// claims it. Events written by other processes (or while the channel is full or closed)
+    /// stay fresh and come through [`Store::change_feed`]. `None` where a store cannot do this
+    /// (MongoDB: the writers are other pods, the change stream is the feed).
+    fn attach_local_feed(&self, claimer: &str, capacity: usize) -> Option<LocalFeed> {
+        let _ = (claimer, capacity);
+        None
+    }
 
     /// Events committed after `from` (or from now on, when `None`), as they commit.
     async fn change_feed(&self, from: Option<FeedPosition>) -> Result<ChangeFeed, StoreError>;

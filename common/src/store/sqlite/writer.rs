@@ -1,0 +1,465 @@
+//! Group commit. One thread owns the writer connection; writes queue on a channel. The thread
+//! takes every write that queued while the previous group was committing, runs them inside one
+//! `BEGIN IMMEDIATE ... COMMIT` (each in its own savepoint, so a write that fails undoes only
+//! itself) and answers them all after that one COMMIT. A ticket write still answers only once
+//! it is on disk (`synchronous=FULL` for any group that holds one), but the writes that queued
+//! behind an fsync share the next one instead of paying one each.
+//!
+//! The thread also hands fresh events to a change feed in the same process (`LocalFeed`): an
+//! event write may insert its event already claimed by that feed, and the thread passes the
+//! event over a channel once its group has committed, so the feed never reads it back.
+
+use super::SqliteOptions;
+use crate::domain::OutboxEvent;
+use crate::store::StoreError;
+use rusqlite::{Connection, params};
+use std::panic::AssertUnwindSafe;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use tokio::sync::{Notify, oneshot};
+
+/// Most writes committed together: bounds how long the first of a group waits for the others.
+const MAX_GROUP: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Durability {
+    /// A ticket write: on disk (fsync) before it answers.
+    Durable,
+    /// Outbox bookkeeping: committed without waiting for an fsync (see `write_bookkeeping`).
+    Bookkeeping,
+}
+
+/// Why a write that succeeded on its own was not committed: the group's transaction failed.
+#[derive(Debug, thiserror::Error)]
+#[error("the group commit it was part of failed: {0}")]
+struct GroupFailed(String);
+
+/// Where fresh events go when a change feed runs in this process: `token` is the lease they are
+/// inserted under, `events` the feed's channel.
+#[derive(Clone)]
+pub(super) struct Handoff {
+    pub(super) token: String,
+    pub(super) events: tokio::sync::mpsc::Sender<OutboxEvent>,
+}
+
+/// What one group does with the events its writes produce.
+struct GroupEvents<'a> {
+    handoff: Option<&'a Handoff>,
+    /// Free places in the feed's channel when the group started (the thread is its only sender).
+    room: usize,
+    handed: Vec<OutboxEvent>,
+    /// An event was written unclaimed: the change feed that tails the table should look.
+    fresh: bool,
+}
+
+impl GroupEvents<'_> {
+    /// The lease to insert the next event under, if the local feed has room for it.
+    fn claim_token(&self) -> Option<&str> {
+        self.handoff
+            .filter(|_| self.handed.len() < self.room)
+            .map(|h| h.token.as_str())
+    }
+}
+
+/// One queued write, type-erased so writes of any result type share the queue.
+trait Job: Send {
+    fn durability(&self) -> Durability;
+    /// Runs the write in the open transaction; false if it failed (its savepoint is rolled back).
+    fn run(&mut self, conn: &Connection, options: &SqliteOptions, events: &mut GroupEvents)
+    -> bool;
+    /// Answers the caller once the group's fate is known.
+    fn answer(self: Box<Self>, group: Result<(), &str>);
+}
+
+struct Pending<T, F> {
+    op: &'static str,
+    durability: Durability,
+    write: Option<F>,
+    result: Option<Result<T, StoreError>>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Job for Pending<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection, &SqliteOptions) -> rusqlite::Result<T> + Send,
+{
+    fn durability(&self) -> Durability {
+        self.durability
+    }
+
+    fn run(&mut self, conn: &Connection, options: &SqliteOptions, _: &mut GroupEvents) -> bool {
+        let Some(write) = self.write.take() else {
+            return false;
+        };
+        let result = guarded(self.op, || write(conn, options));
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn answer(self: Box<Self>, group: Result<(), &str>) {
+        reply(self.op, self.result, group, self.reply);
+    }
+}
+
+/// A ticket write that also writes its outbox event: the closure gets the lease to insert the
+/// event under when the local feed can take it, and returns the event it wrote.
+struct EventWrite<T, F> {
+    inner: Pending<T, F>,
+}
+
+impl<T, F> Job for EventWrite<T, F>
+where
+    T: Send,
+    F: FnOnce(
+            &Connection,
+            &SqliteOptions,
+            Option<&str>,
+        ) -> rusqlite::Result<(T, Option<OutboxEvent>)>
+        + Send,
+{
+    fn durability(&self) -> Durability {
+        self.inner.durability
+    }
+
+    fn run(
+        &mut self,
+        conn: &Connection,
+        options: &SqliteOptions,
+        events: &mut GroupEvents,
+    ) -> bool {
+        let Some(write) = self.inner.write.take() else {
+            return false;
+        };
+        let token = events.claim_token().map(str::to_owned);
+        let result = guarded(self.inner.op, || write(conn, options, token.as_deref()));
+        let result = result.map(|(value, event)| {
+            match event {
+                Some(e) if e.locked_by.is_some() && e.locked_by == token => events.handed.push(e),
+                Some(_) => events.fresh = true,
+                None => {}
+            }
+            value
+        });
+        let ok = result.is_ok();
+        self.inner.result = Some(result);
+        ok
+    }
+
+    fn answer(self: Box<Self>, group: Result<(), &str>) {
+        let Pending {
+            op,
+            result,
+            reply: tx,
+            ..
+        } = self.inner;
+        reply(op, result, group, tx);
+    }
+}
+
+/// Runs a write; a panicking write must not take the writer thread (and every later write)
+/// with it.
+fn guarded<T>(
+    op: &'static str,
+    write: impl FnOnce() -> rusqlite::Result<T>,
+) -> Result<T, StoreError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(write)) {
+        Ok(r) => r.map_err(|e| StoreError::backend(op, e)),
+        Err(_) => Err(StoreError::backend(op, "the write panicked")),
+    }
+}
+
+fn reply<T>(
+    op: &'static str,
+    result: Option<Result<T, StoreError>>,
+    group: Result<(), &str>,
+    tx: oneshot::Sender<Result<T, StoreError>>,
+) {
+    let answer = match (result, group) {
+        (Some(Ok(value)), Ok(())) => Ok(value),
+        (Some(Err(e)), _) => Err(e),
+        (Some(Ok(_)) | None, Err(e)) => Err(StoreError::backend(op, GroupFailed(e.to_owned()))),
+        (None, Ok(())) => Err(StoreError::backend(op, "the write was not run")),
+    };
+    // The caller may have gone away (a cancelled request): the write stands regardless.
+    let _ = tx.send(answer);
+}
+
+/// The handle the store keeps: a queue into the writer thread.
+pub(super) struct Writer {
+    queue: Mutex<Option<mpsc::Sender<Box<dyn Job>>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    handoff: Arc<Mutex<Option<Handoff>>>,
+}
+
+/// What the writer thread shares with the store.
+struct Shared {
+    options: SqliteOptions,
+    handoff: Arc<Mutex<Option<Handoff>>>,
+    /// Woken after a commit that wrote an unclaimed event, for a change feed tailing the table.
+    committed: Arc<Notify>,
+}
+
+impl Writer {
+    pub(super) fn spawn(
+        conn: Connection,
+        options: SqliteOptions,
+        committed: Arc<Notify>,
+    ) -> std::io::Result<Self> {
+        let (queue, jobs) = mpsc::channel::<Box<dyn Job>>();
+        let handoff = Arc::new(Mutex::new(None));
+        let shared = Shared {
+            options,
+            handoff: handoff.clone(),
+            committed,
+        };
+        let thread = std::thread::Builder::new()
+            .name("sqlite-writer".into())
+            .spawn(move || run_writer(conn, &jobs, &shared))?;
+        Ok(Self {
+            queue: Mutex::new(Some(queue)),
+            thread: Mutex::new(Some(thread)),
+            handoff,
+        })
+    }
+
+    /// From now on, events are inserted claimed under `handoff.token` while its channel has room,
+    /// and sent to it after their commit.
+    pub(super) fn set_handoff(&self, handoff: Handoff) {
+        if let Ok(mut h) = self.handoff.lock() {
+            *h = Some(handoff);
+        }
+    }
+
+    /// Queues `write` and waits for the COMMIT of the group it ran in.
+    pub(super) async fn submit<T, F>(
+        &self,
+        op: &'static str,
+        durability: Durability,
+        write: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection, &SqliteOptions) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: Box<dyn Job> = Box::new(Pending {
+            op,
+            durability,
+            write: Some(write),
+            result: None,
+            reply,
+        });
+        self.queue_and_wait(op, job, answer).await
+    }
+
+    /// Queues a durable write that writes an outbox event (see [`EventWrite`]).
+    pub(super) async fn submit_event_write<T, F>(
+        &self,
+        op: &'static str,
+        write: F,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(
+                &Connection,
+                &SqliteOptions,
+                Option<&str>,
+            ) -> rusqlite::Result<(T, Option<OutboxEvent>)>
+            + Send
+            + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: Box<dyn Job> = Box::new(EventWrite {
+            inner: Pending {
+                op,
+                durability: Durability::Durable,
+                write: Some(write),
+                result: None,
+                reply,
+            },
+        });
+        self.queue_and_wait(op, job, answer).await
+    }
+
+    async fn queue_and_wait<T>(
+        &self,
+        op: &'static str,
+        job: Box<dyn Job>,
+        answer: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let queued = match self.queue.lock() {
+            Ok(queue) => queue.as_ref().is_some_and(|q| q.send(job).is_ok()),
+            Err(_) => false,
+        };
+        if !queued {
+            return Err(StoreError::backend(
+                op,
+                "the SQLite writer thread has stopped",
+            ));
+        }
+        answer
+            .await
+            .map_err(|_| StoreError::backend(op, "the SQLite writer thread has stopped"))?
+    }
+}
+
+impl Drop for Writer {
+    /// Closes the queue and waits for the thread to finish what it holds and close the
+    /// connection, so the file can be reopened at once.
+    fn drop(&mut self) {
+        if let Ok(mut queue) = self.queue.lock() {
+            queue.take();
+        }
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread
+            && thread.thread().id() != std::thread::current().id()
+        {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run_writer(conn: Connection, jobs: &mpsc::Receiver<Box<dyn Job>>, shared: &Shared) {
+    let mut synchronous: Option<&'static str> = None;
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let level = if group.iter().any(|j| j.durability() == Durability::Durable) {
+            "FULL"
+        } else {
+            "NORMAL"
+        };
+        let handoff = shared
+            .handoff
+            .lock()
+            .ok()
+            .and_then(|h| h.clone())
+            .filter(|h| !h.events.is_closed());
+        let mut events = GroupEvents {
+            room: handoff.as_ref().map_or(0, |h| h.events.capacity()),
+            handoff: handoff.as_ref(),
+            handed: Vec::new(),
+            fresh: false,
+        };
+        let outcome = set_synchronous(&conn, &mut synchronous, level)
+            .and_then(|()| run_group(&conn, &mut group, &shared.options, &mut events));
+        let outcome = outcome.map_err(|e| crate::store::error_chain(&e));
+        for job in group {
+            job.answer(outcome.as_ref().map(|_| ()).map_err(String::as_str));
+        }
+        if outcome.is_ok() {
+            let GroupEvents { handed, fresh, .. } = events;
+            let unsent = hand_over(handoff.as_ref(), handed);
+            if !unsent.is_empty() {
+                unclaim(&conn, handoff.as_ref(), &unsent);
+            }
+            if fresh || !unsent.is_empty() {
+                shared.committed.notify_one();
+            }
+        }
+    }
+}
+
+/// Sends committed events to the local feed; returns the ids of those it could not take (it
+/// stopped meanwhile).
+fn hand_over(handoff: Option<&Handoff>, events: Vec<OutboxEvent>) -> Vec<String> {
+    let Some(handoff) = handoff else {
+        return Vec::new();
+    };
+    let mut unsent = Vec::new();
+    for event in events {
+        if let Err(e) = handoff.events.try_send(event) {
+            let event = match e {
+                tokio::sync::mpsc::error::TrySendError::Full(e)
+                | tokio::sync::mpsc::error::TrySendError::Closed(e) => e,
+            };
+            unsent.push(event.id.to_hex());
+        }
+    }
+    unsent
+}
+
+/// Makes events the local feed could not take fresh again (unclaimed, still reserved for a change
+/// feed's first attempt), so the feed that tails the table or the sweep takes them. If even this
+/// fails, their claim expires like any other.
+fn unclaim(conn: &Connection, handoff: Option<&Handoff>, ids: &[String]) {
+    let Some(handoff) = handoff else {
+        return;
+    };
+    let result = (|| -> rusqlite::Result<()> {
+        let mut stmt = conn.prepare_cached(
+            "UPDATE events SET locked_by = NULL WHERE id = ?1 AND locked_by = ?2",
+        )?;
+        for id in ids {
+            stmt.execute(params![id, handoff.token])?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        tracing::warn!(error = %e, events = ids.len(),
+            "cannot unclaim events the local change feed did not take; the sweep takes them when their claim expires");
+    }
+}
+
+fn set_synchronous(
+    conn: &Connection,
+    current: &mut Option<&'static str>,
+    level: &'static str,
+) -> rusqlite::Result<()> {
+    if *current != Some(level) {
+        conn.pragma_update(None, "synchronous", level)?;
+        *current = Some(level);
+    }
+    Ok(())
+}
+
+fn run_group(
+    conn: &Connection,
+    group: &mut [Box<dyn Job>],
+    options: &SqliteOptions,
+    events: &mut GroupEvents,
+) -> rusqlite::Result<()> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let ran = run_jobs(conn, group, options, events).and_then(|()| conn.execute_batch("COMMIT"));
+    if ran.is_err() && !conn.is_autocommit() {
+        // Nothing of the group is kept; the error is what every caller hears.
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    ran
+}
+
+fn run_jobs(
+    conn: &Connection,
+    group: &mut [Box<dyn Job>],
+    options: &SqliteOptions,
+    events: &mut GroupEvents,
+) -> rusqlite::Result<()> {
+    let mut savepoint = conn.prepare_cached("SAVEPOINT write")?;
+    let mut release = conn.prepare_cached("RELEASE write")?;
+    let mut rollback = conn.prepare_cached("ROLLBACK TO write")?;
+    for job in group.iter_mut() {
+        savepoint.execute([])?;
+        if job.run(conn, options, events) {
+            release.execute([])?;
+        } else {
+            if conn.is_autocommit() {
+                // Some errors (disk full, I/O) make SQLite roll back the whole transaction.
+                return Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ABORT),
+                    Some("a write's error rolled back the group's transaction".into()),
+                ));
+            }
+            rollback.execute([])?;
+            release.execute([])?;
+        }
+    }
+    Ok(())
+}
