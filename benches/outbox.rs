@@ -1,5 +1,6 @@
 //! Outbox benchmarks: `cargo bench --bench outbox` (full) or `cargo bench --bench outbox --
-//! --quick` (CI smoke run: small sizes, no assertion on speed).
+//! --quick` (CI smoke run: small sizes, no assertion on speed). `-- --only 1,3` runs some of the
+//! scenarios, `-- --only 1 --variants b` one variant of scenario 1 (to profile it).
 //!
 //! Starts its own `nats-server -js` (ticketing::harness::NatsServer), runs the service in-process
 //! (and `ticketing all` as a child process for the memory scenario), and prints one table. Every
@@ -64,6 +65,14 @@ struct Plan {
     sweep_sizes: Vec<usize>,
     empty_reps: usize,
     sweep_reps: usize,
+    only: Option<Vec<u32>>,
+    variants: Option<Vec<char>>,
+}
+
+impl Plan {
+    fn runs(&self, scenario: u32) -> bool {
+        self.only.as_ref().is_none_or(|o| o.contains(&scenario))
+    }
 }
 
 impl Plan {
@@ -81,6 +90,8 @@ impl Plan {
                 sweep_sizes: vec![1_000, 10_000],
                 empty_reps: 21,
                 sweep_reps: 3,
+                only: None,
+                variants: None,
             }
         } else {
             Self {
@@ -95,6 +106,8 @@ impl Plan {
                 sweep_sizes: vec![1_000, 100_000, 1_000_000],
                 empty_reps: 101,
                 sweep_reps: 11,
+                only: None,
+                variants: None,
             }
         }
     }
@@ -116,12 +129,30 @@ fn verdict(met: bool) -> &'static str {
 }
 
 fn main() -> anyhow::Result<()> {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only 1,3`: run some scenarios (to iterate on one); the default runs all five.
+    let only: Option<Vec<u32>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| {
+            list.split(',')
+                .filter_map(|n| n.trim().parse().ok())
+                .collect()
+        });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
-    runtime.block_on(run(Plan::new(quick)))
+    let mut plan = Plan::new(quick);
+    plan.only = only;
+    plan.variants = args
+        .iter()
+        .position(|a| a == "--variants")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.chars().filter(char::is_ascii_lowercase).collect());
+    runtime.block_on(run(plan))
 }
 
 async fn run(plan: Plan) -> anyhow::Result<()> {
@@ -141,32 +172,56 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         .context("signing a JWT")?;
     let mut rows = Vec::new();
 
-    println!(
-        "\n[1] create-ticket throughput, {CLIENTS} clients (load {})",
-        env::load_average()
-    );
-    let peak_b = scenario_throughput(&plan, &url, &token, &mut rows).await?;
-    println!(
-        "\n[2] commit-to-receipt latency at 50% of 1b's peak (load {})",
-        env::load_average()
-    );
-    scenario_latency(&plan, &url, &token, peak_b, &mut rows).await?;
-    println!(
-        "\n[3] backlog drain of {} events (load {})",
-        plan.backlog,
-        env::load_average()
-    );
-    scenario_drain(&plan, &url, &mut rows).await?;
-    println!(
-        "\n[4] sweep cost versus backlog size (load {})",
-        env::load_average()
-    );
-    scenario_sweep_cost(&plan, &mut rows).await?;
-    println!(
-        "\n[5] peak RSS of `ticketing all` draining the backlog (load {})",
-        env::load_average()
-    );
-    scenario_memory(&plan, &url, &mut rows).await?;
+    let mut peak_b = None;
+    if plan.runs(1) {
+        println!(
+            "\n[1] create-ticket throughput, {CLIENTS} clients (load {})",
+            env::load_average()
+        );
+        peak_b = Some(scenario_throughput(&plan, &url, &token, &mut rows).await?);
+    }
+    if plan.runs(2) {
+        let peak_b = match peak_b {
+            Some(p) => p,
+            None => {
+                // Scenario 1 was not asked for: one 1b round gives the peak to pace against.
+                let single = Plan {
+                    http_rounds: 1,
+                    only: None,
+                    variants: Some(vec!['b']),
+                    ..Plan::new(plan.quick)
+                };
+                scenario_throughput(&single, &url, &token, &mut Vec::new()).await?
+            }
+        };
+        println!(
+            "\n[2] commit-to-receipt latency at 50% of 1b's peak (load {})",
+            env::load_average()
+        );
+        scenario_latency(&plan, &url, &token, peak_b, &mut rows).await?;
+    }
+    if plan.runs(3) {
+        println!(
+            "\n[3] backlog drain of {} events (load {})",
+            plan.backlog,
+            env::load_average()
+        );
+        scenario_drain(&plan, &url, &mut rows).await?;
+    }
+    if plan.runs(4) {
+        println!(
+            "\n[4] sweep cost versus backlog size (load {})",
+            env::load_average()
+        );
+        scenario_sweep_cost(&plan, &mut rows).await?;
+    }
+    if plan.runs(5) {
+        println!(
+            "\n[5] peak RSS of `ticketing all` draining the backlog (load {})",
+            env::load_average()
+        );
+        scenario_memory(&plan, &url, &mut rows).await?;
+    }
 
     println!(
         "\nhardware: {}\nversions: {}\nload average: {load_before} at start, {} at end; {:.0} s in all",
@@ -245,6 +300,14 @@ enum Variant {
 }
 
 impl Variant {
+    fn letter(self) -> char {
+        match self {
+            Variant::StoreOnly => 'a',
+            Variant::Outbox => 'b',
+            Variant::Naive => 'c',
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             Variant::StoreOnly => "1a store only (outbox write off)",
@@ -374,7 +437,16 @@ async fn scenario_throughput(
     token: &str,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<f64> {
-    let variants = [Variant::StoreOnly, Variant::Outbox, Variant::Naive];
+    let all = [Variant::StoreOnly, Variant::Outbox, Variant::Naive];
+    // `--variants b` (for profiling one variant): the ratios then print as NaN.
+    let variants: Vec<Variant> = all
+        .into_iter()
+        .filter(|v| {
+            plan.variants
+                .as_ref()
+                .is_none_or(|only| only.contains(&v.letter()))
+        })
+        .collect();
     let mut runs: HashMap<Variant, Vec<f64>> = HashMap::new();
     let mut client_p99: HashMap<Variant, Vec<f64>> = HashMap::new();
     for round in 0..plan.http_rounds {

@@ -258,10 +258,12 @@ async fn a_sweep_stops_when_everything_it_claims_must_wait() {
         .sweep(Duration::from_secs(30), &stop)
         .await
         .expect("sweep");
-    assert_eq!(
-        (outcome.claimed, outcome.deferred, outcome.published),
-        (2, 2, 0),
-        "one step, not a spin until the budget is spent"
+    // A sweep runs two lanes; each takes one step of at most a batch (2) and stops.
+    assert_eq!(outcome.published, 0);
+    assert_eq!(outcome.deferred, outcome.claimed, "{outcome:?}");
+    assert!(
+        (2..=4).contains(&outcome.claimed),
+        "one step per lane, not a spin until the budget is spent: {outcome:?}"
     );
     assert!(stream_messages(&nats.url(), STREAM).await.is_empty());
 }

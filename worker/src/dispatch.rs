@@ -150,18 +150,38 @@ impl Dispatcher {
         Ok((lease, claimed))
     }
 
-    /// Sweep steps until the outbox has nothing due, a step saw a failure (NATS is down: wait for
-    /// the next tick) or delivered nothing, `budget` is spent, or `stop` is cancelled (a step in
-    /// flight finishes). While a full step publishes, the next step's claim runs alongside it;
-    /// a claim made for a step that will not run is released (not a failure).
+    /// Sweep steps, in two concurrent lanes, each until the outbox has nothing due, a step of
+    /// its own saw a failure (NATS is down: wait for the next tick) or delivered nothing,
+    /// `budget` is spent, or `stop` is cancelled (a step in flight finishes). While a full step
+    /// publishes, the lane's next claim runs alongside it; a claim made for a step that will not
+    /// run is released (not a failure). Lanes never hold the same event (claims are exclusive),
+    /// and the order rule holds across them: an event waits while an older one of its ticket is
+    /// held by the other lane.
     pub async fn sweep(
         &self,
         budget: Duration,
         stop: &CancellationToken,
     ) -> Result<Outcome, StoreError> {
-        let started = Instant::now();
-        let mut total = Outcome::default();
         metrics::counter!("outbox_sweeps_total").increment(1);
+        let started = Instant::now();
+        // Two lanes, each claiming its own batches: while one waits for its acks, the other
+        // claims or deletes, so neither NATS nor the store waits for the other.
+        let (a, b) = tokio::join!(
+            self.sweep_lane(started, budget, stop),
+            self.sweep_lane(started, budget, stop)
+        );
+        let mut total = a?;
+        total.add(b?);
+        Ok(total)
+    }
+
+    async fn sweep_lane(
+        &self,
+        started: Instant,
+        budget: Duration,
+        stop: &CancellationToken,
+    ) -> Result<Outcome, StoreError> {
+        let mut total = Outcome::default();
         let mut next = Some(self.claim_step().await?);
         while let Some((lease, claimed)) = next.take() {
             let full = claimed.len() >= self.config.sweep_batch;

@@ -81,7 +81,8 @@ impl SqliteStore {
             }
             let conn = open_and_migrate(&path)?;
             let committed = Arc::new(Notify::new());
-            let writer = Writer::spawn(conn, options.clone(), committed.clone())
+            let checkpoints = connect(&path).map_err(|e| StoreError::backend("open", e))?;
+            let writer = Writer::spawn(conn, checkpoints, options.clone(), committed.clone())
                 .map_err(|e| StoreError::backend("open", e))?;
             Ok(Self {
                 inner: Arc::new(Inner {
@@ -206,7 +207,7 @@ fn placeholders(n: usize) -> String {
 
 /// UTC timestamps as fixed-width text, so that text order is time order.
 fn ts(t: DateTime<Utc>) -> String {
-    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 fn conversion_error(idx: usize, e: impl Into<super::BoxError>) -> rusqlite::Error {

@@ -5,6 +5,9 @@
 //! it is on disk (`synchronous=FULL` for any group that holds one), but the writes that queued
 //! behind an fsync share the next one instead of paying one each.
 //!
+//! Checkpoints (copying the WAL back into the database file, with its own fsync) run on a
+//! second thread with its own connection, so a write never waits behind one.
+//!
 //! The thread also hands fresh events to a change feed in the same process (`LocalFeed`): an
 //! event write may insert its event already claimed by that feed, and the thread passes the
 //! event over a channel once its group has committed, so the feed never reads it back.
@@ -21,6 +24,8 @@ use tokio::sync::{Notify, oneshot};
 
 /// Most writes committed together: bounds how long the first of a group waits for the others.
 const MAX_GROUP: usize = 256;
+/// How often the checkpointer copies committed WAL frames into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Durability {
@@ -191,6 +196,9 @@ fn reply<T>(
 pub(super) struct Writer {
     queue: Mutex<Option<mpsc::Sender<Box<dyn Job>>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Dropping it stops the checkpointer.
+    stop_checkpoints: Mutex<Option<mpsc::Sender<()>>>,
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
     handoff: Arc<Mutex<Option<Handoff>>>,
 }
 
@@ -203,11 +211,20 @@ struct Shared {
 }
 
 impl Writer {
+    /// `conn` becomes the writer (its automatic checkpoints turned off); `checkpoints` is a second
+    /// connection to the same file for the checkpointer.
     pub(super) fn spawn(
         conn: Connection,
+        checkpoints: Connection,
         options: SqliteOptions,
         committed: Arc<Notify>,
     ) -> std::io::Result<Self> {
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(std::io::Error::other)?;
+        let (stop_checkpoints, stop) = mpsc::channel::<()>();
+        let checkpointer = std::thread::Builder::new()
+            .name("sqlite-checkpoint".into())
+            .spawn(move || run_checkpointer(&checkpoints, &stop))?;
         let (queue, jobs) = mpsc::channel::<Box<dyn Job>>();
         let handoff = Arc::new(Mutex::new(None));
         let shared = Shared {
@@ -221,6 +238,8 @@ impl Writer {
         Ok(Self {
             queue: Mutex::new(Some(queue)),
             thread: Mutex::new(Some(thread)),
+            stop_checkpoints: Mutex::new(Some(stop_checkpoints)),
+            checkpointer: Mutex::new(Some(checkpointer)),
             handoff,
         })
     }
@@ -313,13 +332,30 @@ impl Drop for Writer {
         if let Ok(mut queue) = self.queue.lock() {
             queue.take();
         }
-        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
-        if let Some(thread) = thread
-            && thread.thread().id() != std::thread::current().id()
-        {
-            let _ = thread.join();
+        if let Ok(mut stop) = self.stop_checkpoints.lock() {
+            stop.take();
+        }
+        for thread in [&self.thread, &self.checkpointer] {
+            let thread = thread.lock().ok().and_then(|mut t| t.take());
+            if let Some(thread) = thread
+                && thread.thread().id() != std::thread::current().id()
+            {
+                let _ = thread.join();
+            }
         }
     }
+}
+
+/// A PASSIVE checkpoint every [`CHECKPOINT_EVERY`]: it copies what is committed without blocking
+/// the writer or readers (the writer's own automatic checkpoints are off).
+fn run_checkpointer(conn: &Connection, stop: &mpsc::Receiver<()>) {
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "SQLite checkpoint failed; retrying");
+        }
+    }
+    // Last one on the way out, so the file is whole without its WAL.
+    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
 }
 
 fn run_writer(conn: Connection, jobs: &mpsc::Receiver<Box<dyn Job>>, shared: &Shared) {
