@@ -6,7 +6,8 @@
 //! behind an fsync share the next one instead of paying one each.
 //!
 //! Checkpoints (copying the WAL back into the database file, with its own fsync) run on a
-//! second thread with its own connection, so a write never waits behind one.
+//! second thread with its own connection, so a write rarely waits behind one (the writer's own
+//! checkpoint is a backstop for long bursts, and then finds most of the work done).
 //!
 //! The thread also hands fresh events to a change feed in the same process (`LocalFeed`): an
 //! event write may insert its event already claimed by that feed, and the thread passes the
@@ -26,6 +27,10 @@ use tokio::sync::{Notify, oneshot};
 const MAX_GROUP: usize = 256;
 /// How often the checkpointer copies committed WAL frames into the database file.
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// WAL pages after which the writer checkpoints itself (SQLite's default is 1,000).
+const WRITER_CHECKPOINT_PAGES: i64 = 4_000;
+/// Bytes a restarted WAL file is truncated to.
+const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Durability {
@@ -211,7 +216,7 @@ struct Shared {
 }
 
 impl Writer {
-    /// `conn` becomes the writer (its automatic checkpoints turned off); `checkpoints` is a second
+    /// `conn` becomes the writer (its automatic checkpoints a backstop); `checkpoints` is a second
     /// connection to the same file for the checkpointer.
     pub(super) fn spawn(
         conn: Connection,
@@ -219,7 +224,11 @@ impl Writer {
         options: SqliteOptions,
         committed: Arc<Notify>,
     ) -> std::io::Result<Self> {
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
+        // A backstop only: the checkpointer keeps the WAL copied back, so when a long burst of
+        // writes makes the WAL reach this size the writer's own checkpoint finds little left
+        // to copy, and the WAL restarts from its beginning instead of growing.
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES)
+            .and_then(|()| conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT))
             .map_err(std::io::Error::other)?;
         let (stop_checkpoints, stop) = mpsc::channel::<()>();
         let checkpointer = std::thread::Builder::new()
@@ -347,7 +356,7 @@ impl Drop for Writer {
 }
 
 /// A PASSIVE checkpoint every [`CHECKPOINT_EVERY`]: it copies what is committed without blocking
-/// the writer or readers (the writer's own automatic checkpoints are off).
+/// the writer or readers.
 fn run_checkpointer(conn: &Connection, stop: &mpsc::Receiver<()>) {
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
         if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
