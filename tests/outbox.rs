@@ -69,6 +69,26 @@ fn changes(title: &str) -> TicketChanges {
     }
 }
 
+/// The `version` of every message in the stream, in stream order.
+async fn published_versions(nats: &NatsServer) -> Vec<i64> {
+    stream_messages(&nats.url(), STREAM)
+        .await
+        .iter()
+        .map(|m| m.payload["version"].as_i64().expect("version"))
+        .collect()
+}
+
+/// The ids of the events still in the outbox, oldest first (at most `limit`).
+async fn outbox_ids(store: &SqliteStore, limit: usize) -> Vec<EventId> {
+    store
+        .list_events(limit, None)
+        .await
+        .expect("list")
+        .iter()
+        .map(|e| e.id)
+        .collect()
+}
+
 async fn newest_event(store: &SqliteStore) -> EventId {
     store
         .list_events(1000, None)
@@ -128,11 +148,7 @@ async fn a_later_version_waits_for_an_earlier_failed_one() {
     let third = d.try_dispatch_fresh(&[v2]).await.expect("dispatch");
     assert_eq!(third.published, 1);
 
-    let versions: Vec<i64> = stream_messages(&nats.url(), STREAM)
-        .await
-        .iter()
-        .map(|m| m.payload["version"].as_i64().expect("version"))
-        .collect();
+    let versions = published_versions(&nats).await;
     assert_eq!(versions, [0, 1, 2]);
     assert!(store.list_events(10, None).await.expect("list").is_empty());
 }
@@ -149,21 +165,11 @@ async fn a_chain_of_versions_is_published_in_order_in_one_sweep() {
             .await
             .expect("update");
     }
-    let ids: Vec<EventId> = store
-        .list_events(10, None)
-        .await
-        .expect("list")
-        .iter()
-        .map(|e| e.id)
-        .collect();
+    let ids = outbox_ids(&store, 10).await;
     store.unlock_events(&ids).await.expect("unlock");
     let swept = d.sweep_once().await.expect("sweep");
     assert_eq!((swept.claimed, swept.published), (5, 5));
-    let versions: Vec<i64> = stream_messages(&nats.url(), STREAM)
-        .await
-        .iter()
-        .map(|m| m.payload["version"].as_i64().expect("version"))
-        .collect();
+    let versions = published_versions(&nats).await;
     assert_eq!(versions, [0, 1, 2, 3, 4]);
 }
 
@@ -179,13 +185,7 @@ async fn concurrent_sweeps_never_publish_an_event_twice() {
             .await
             .expect("create");
     }
-    let ids: Vec<EventId> = store
-        .list_events(1000, None)
-        .await
-        .expect("list")
-        .iter()
-        .map(|e| e.id)
-        .collect();
+    let ids = outbox_ids(&store, 1000).await;
     assert_eq!(store.unlock_events(&ids).await.expect("unlock"), 300);
 
     async fn drain(d: &Dispatcher) -> (usize, usize) {
@@ -315,19 +315,9 @@ async fn the_local_feed_gets_each_event_at_commit_already_claimed() {
         .await
         .expect("dispatch");
     assert_eq!((outcome.published, outcome.deferred), (2, 0));
-    let versions: Vec<i64> = stream_messages(&nats.url(), STREAM)
-        .await
-        .iter()
-        .map(|m| m.payload["version"].as_i64().expect("version"))
-        .collect();
+    let versions = published_versions(&nats).await;
     assert_eq!(versions, [0, 1], "published in version order");
-    let left: Vec<EventId> = store
-        .list_events(10, None)
-        .await
-        .expect("list")
-        .iter()
-        .map(|e| e.id)
-        .collect();
+    let left = outbox_ids(&store, 10).await;
     assert_eq!(left, [fresh], "delivered events are deleted");
 
     // Once the feed is gone, new events are written fresh, for the tailing feed.

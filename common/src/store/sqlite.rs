@@ -112,20 +112,10 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection, &SqliteOptions) -> rusqlite::Result<T> + Send + 'static,
     {
-        self.write_with(op, Durability::Bookkeeping, f).await
-    }
-
-    async fn write_with<T, F>(
-        &self,
-        op: &'static str,
-        durability: Durability,
-        f: F,
-    ) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection, &SqliteOptions) -> rusqlite::Result<T> + Send + 'static,
-    {
-        self.inner.writer.submit(op, durability, f).await
+        self.inner
+            .writer
+            .submit(op, Durability::Bookkeeping, f)
+            .await
     }
 
     async fn read<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>

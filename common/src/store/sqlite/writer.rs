@@ -400,9 +400,8 @@ fn run_writer(conn: Connection, jobs: &mpsc::Receiver<Box<dyn Job>>, shared: &Sh
         let outcome = set_synchronous(&conn, &mut synchronous, level)
             .and_then(|()| run_group(&conn, &mut group, &shared.options, &mut events));
         let outcome = outcome.map_err(|e| crate::store::error_chain(&e));
-        for job in group {
-            job.answer(outcome.as_ref().map(|_| ()).map_err(String::as_str));
-        }
+        // Hand the events over before answering: when a write returns, its event is with the
+        // feed (or fresh again for the tailing one).
         if outcome.is_ok() {
             let GroupEvents { handed, fresh, .. } = events;
             let unsent = hand_over(handoff.as_ref(), handed);
@@ -412,6 +411,9 @@ fn run_writer(conn: Connection, jobs: &mpsc::Receiver<Box<dyn Job>>, shared: &Sh
             if fresh || !unsent.is_empty() {
                 shared.committed.notify_one();
             }
+        }
+        for job in group {
+            job.answer(outcome.as_ref().map(|_| ()).map_err(String::as_str));
         }
     }
 }
