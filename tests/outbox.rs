@@ -370,3 +370,38 @@ async fn a_stopping_local_feed_releases_the_events_it_did_not_attempt() {
     assert_eq!(after.len(), 1);
     assert_eq!(after[0].locked_by, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_the_local_feed_has_no_room_for_stay_fresh_for_the_tailing_feed() {
+    let (store, _dir) = store().await;
+    let mut feed = store.attach_local_feed("w", 1).expect("local feed");
+    let first = store.create_ticket(&ticket("first")).await.expect("create");
+    let second = store
+        .create_ticket(&ticket("second"))
+        .await
+        .expect("create");
+    let events = store.list_events(10, None).await.expect("list");
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].aggregate_id, first.id);
+    assert_eq!(
+        events[0].locked_by.as_deref(),
+        Some(feed.token.as_str()),
+        "the first fills the channel"
+    );
+    assert_eq!(events[1].aggregate_id, second.id);
+    assert_eq!(
+        (events[1].is_locked, events[1].locked_by.as_deref()),
+        (true, None),
+        "no room: written fresh, reserved for a change feed's first attempt"
+    );
+    let handed = feed.events.recv().await.expect("handed over");
+    assert_eq!(handed.id, events[0].id);
+    let mut tail = store.change_feed(None).await.expect("feed");
+    let offered =
+        tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut tail))
+            .await
+            .expect("the tail offers the fresh event")
+            .expect("an item")
+            .expect("ok");
+    assert_eq!(offered.event_id, events[1].id);
+}
