@@ -258,11 +258,11 @@ async fn a_sweep_stops_when_everything_it_claims_must_wait() {
         .sweep(Duration::from_secs(30), &stop)
         .await
         .expect("sweep");
-    // A sweep runs two lanes; each takes one step of at most a batch (2) and stops.
+    // A sweep runs several lanes; each takes one step of at most a batch (2) and stops.
     assert_eq!(outcome.published, 0);
     assert_eq!(outcome.deferred, outcome.claimed, "{outcome:?}");
     assert!(
-        (2..=4).contains(&outcome.claimed),
+        (2..=2 * worker::dispatch::SWEEP_LANES).contains(&outcome.claimed),
         "one step per lane, not a spin until the budget is spent: {outcome:?}"
     );
     assert!(stream_messages(&nats.url(), STREAM).await.is_empty());

@@ -63,6 +63,10 @@ impl Outcome {
     }
 }
 
+/// Concurrent claim-publish-delete loops in one sweep: while one waits for its acks, the others
+/// claim or delete, so neither NATS nor the store waits for the other.
+pub const SWEEP_LANES: usize = 3;
+
 pub struct Dispatcher {
     store: Arc<dyn Store>,
     publisher: Arc<JetStreamPublisher>,
@@ -150,13 +154,13 @@ impl Dispatcher {
         Ok((lease, claimed))
     }
 
-    /// Sweep steps, in two concurrent lanes, each until the outbox has nothing due, a step of
-    /// its own saw a failure (NATS is down: wait for the next tick) or delivered nothing,
-    /// `budget` is spent, or `stop` is cancelled (a step in flight finishes). While a full step
-    /// publishes, the lane's next claim runs alongside it; a claim made for a step that will not
-    /// run is released (not a failure). Lanes never hold the same event (claims are exclusive),
-    /// and the order rule holds across them: an event waits while an older one of its ticket is
-    /// held by the other lane.
+    /// Sweep steps, in [`SWEEP_LANES`] concurrent lanes, each until the outbox has nothing due,
+    /// a step of its own saw a failure (NATS is down: wait for the next tick) or delivered
+    /// nothing, `budget` is spent, or `stop` is cancelled (a step in flight finishes). While a
+    /// full step publishes, the lane's next claim runs alongside it; a claim made for a step that
+    /// will not run is released (not a failure). Lanes never hold the same event (claims are
+    /// exclusive), and the order rule holds across them: an event waits while an older one of
+    /// its ticket is held by another lane.
     pub async fn sweep(
         &self,
         budget: Duration,
@@ -164,14 +168,11 @@ impl Dispatcher {
     ) -> Result<Outcome, StoreError> {
         metrics::counter!("outbox_sweeps_total").increment(1);
         let started = Instant::now();
-        // Two lanes, each claiming its own batches: while one waits for its acks, the other
-        // claims or deletes, so neither NATS nor the store waits for the other.
-        let (a, b) = tokio::join!(
-            self.sweep_lane(started, budget, stop),
-            self.sweep_lane(started, budget, stop)
-        );
-        let mut total = a?;
-        total.add(b?);
+        let lanes = (0..SWEEP_LANES).map(|_| self.sweep_lane(started, budget, stop));
+        let mut total = Outcome::default();
+        for lane in futures::future::join_all(lanes).await {
+            total.add(lane?);
+        }
         Ok(total)
     }
 
