@@ -942,6 +942,78 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_whose_commit_fails_answers_every_write_with_the_error_and_keeps_none() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("t.db");
+        let store = SqliteStore::open(&path, Default::default())
+            .await
+            .expect("open");
+        // A "poison" ticket's event inserts a row whose deferred foreign key fails at COMMIT,
+        // after every write of its group has succeeded on its own.
+        connect(&path)
+            .and_then(|c| {
+                c.execute_batch(
+                    "CREATE TABLE parent (id INTEGER PRIMARY KEY); \
+                     CREATE TABLE child (parent_id INTEGER REFERENCES parent (id) \
+                         DEFERRABLE INITIALLY DEFERRED); \
+                     CREATE TRIGGER poison AFTER INSERT ON events \
+                     WHEN json_extract(NEW.data, '$.title') = 'poison' \
+                     BEGIN INSERT INTO child VALUES (42); END;",
+                )
+            })
+            .expect("poison");
+        let new = |title: &str| NewTicket {
+            title: crate::Title::parse(Some(&serde_json::json!(title))).expect("title"),
+            price: crate::Price::parse(Some(&serde_json::json!(1)), "p").expect("price"),
+            user_id: crate::UserId::parse("u").expect("user"),
+        };
+        let writes = (0..64).map(|i| {
+            let store = store.clone();
+            let ticket = new(if i == 10 { "poison" } else { "good" });
+            tokio::spawn(async move { store.create_ticket(&ticket).await })
+        });
+        let results: Vec<_> = futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .map(|r| r.expect("task"))
+            .collect();
+        let failed: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .map(|e| crate::store::error_chain(e))
+            .collect();
+        assert!(results[10].is_err(), "the poisoned write fails");
+        assert!(
+            failed.iter().all(|e| e.contains("FOREIGN KEY")),
+            "every write of its group hears why: {failed:?}"
+        );
+        let kept: Vec<TicketId> = results
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|t| t.id)
+            .collect();
+        let (tickets, events): (i64, i64) = connect(&path)
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT (SELECT COUNT(*) FROM tickets), (SELECT COUNT(*) FROM events)",
+                    [],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+            })
+            .expect("count");
+        assert_eq!(
+            (tickets, events),
+            (kept.len() as i64, kept.len() as i64),
+            "exactly the writes that answered Ok are stored, each with its event"
+        );
+        for id in kept {
+            assert!(store.get_ticket(id).await.expect("get").is_some());
+        }
+        // The writer goes on: the next write commits.
+        store.create_ticket(&new("after")).await.expect("create");
+    }
+
     #[test]
     fn timestamps_sort_as_text() {
         let a = DateTime::parse_from_rfc3339("2026-01-02T03:04:05.006Z").expect("t");
