@@ -1,7 +1,9 @@
 //! The change-feed consumer: the first publish attempt for every event, right after its commit.
-//! It tails the store's change feed (MongoDB change stream / SQLite commit order), resumes from
-//! the position it saved, and reconnects on errors. It is an optimisation of latency only:
-//! an event it misses is taken by the sweep once its fresh lock expires.
+//! Where the store can hand events over in this process (SQLite, the writer here), it takes them
+//! from that channel already claimed ([`run_local_feed`]); it also tails the store's change feed
+//! (MongoDB change stream / SQLite commit order) for events written elsewhere, resumes from the
+//! position it saved, and reconnects on errors. It is an optimisation of latency only: an event
+//! it misses is taken by the sweep once its fresh lock expires.
 
 use crate::dispatch::Dispatcher;
 use common::store::{FeedPosition, LocalFeed};

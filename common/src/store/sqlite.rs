@@ -1,7 +1,8 @@
-//! The embedded store: one SQLite file in WAL mode. One writer connection (writes are serialised
-//! by SQLite anyway; one connection means they queue in-process instead of failing with "database
-//! is locked") and a small pool of readers. Blocking calls run on tokio's blocking pool.
-//! Another process on the same file (a separate `ticketing worker`) waits on `busy_timeout`.
+//! The embedded store: one SQLite file in WAL mode. One writer connection, owned by a thread that
+//! commits queued writes in groups (`writer`: writes are serialised by SQLite anyway; queueing
+//! in-process beats failing with "database is locked", and a group shares one fsync), and a
+//! small pool of readers on tokio's blocking pool. Another process on the same file (a separate
+//! `ticketing worker`) waits on `busy_timeout`.
 
 use super::{
     Alert, AlertKind, ChangeFeed, FeedItem, FeedPosition, Lease, LocalFeed, OutboxStats, Page,
