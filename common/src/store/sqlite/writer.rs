@@ -397,7 +397,8 @@ fn run_writer(conn: Connection, jobs: &mpsc::Receiver<Box<dyn Job>>, shared: &Sh
             handed: Vec::new(),
             fresh: false,
         };
-        let outcome = set_synchronous(&conn, &mut synchronous, level)
+        let outcome = leave_failed_transaction(&conn)
+            .and_then(|()| set_synchronous(&conn, &mut synchronous, level))
             .and_then(|()| run_group(&conn, &mut group, &shared.options, &mut events));
         let outcome = outcome.map_err(|e| crate::store::error_chain(&e));
         // Hand the events over before answering: when a write returns, its event is with the
@@ -481,9 +482,20 @@ fn run_group(
     let ran = run_jobs(conn, group, options, events).and_then(|()| conn.execute_batch("COMMIT"));
     if ran.is_err() && !conn.is_autocommit() {
         // Nothing of the group is kept; the error is what every caller hears.
-        let _ = conn.execute_batch("ROLLBACK");
+        if let Err(e) = conn.execute_batch("ROLLBACK") {
+            tracing::error!(error = %e, "SQLite writer: cannot roll back a failed group; retrying before the next one");
+        }
     }
     ran
+}
+
+/// A group whose ROLLBACK failed left its transaction open (and the write lock held): roll it
+/// back before the next group, or fail that group with the reason and try again after it.
+fn leave_failed_transaction(conn: &Connection) -> rusqlite::Result<()> {
+    if conn.is_autocommit() {
+        return Ok(());
+    }
+    conn.execute_batch("ROLLBACK")
 }
 
 fn run_jobs(
