@@ -405,3 +405,49 @@ async fn events_the_local_feed_has_no_room_for_stay_fresh_for_the_tailing_feed()
             .expect("ok");
     assert_eq!(offered.event_id, events[1].id);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_handed_over_with_little_of_its_claim_left_goes_to_the_sweep_instead() {
+    let nats = NatsServer::start().expect("nats");
+    let dir = tempfile::tempdir().expect("tmp");
+    // Events are reserved for 1 s only, less than half of the dispatcher's 30 s lease: by the
+    // time the feed takes one, a sweep could be taking it too.
+    let store = Arc::new(
+        SqliteStore::open(
+            dir.path().join("t.db"),
+            common::store::sqlite::SqliteOptions {
+                fresh_lock: Duration::from_secs(1),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("open"),
+    );
+    let d = dispatcher(&store, publisher(&nats, "w").await, "w", 100);
+    let mut feed = store.attach_local_feed("w", 16).expect("local feed");
+    store.create_ticket(&ticket("late")).await.expect("create");
+    let handed = feed.events.recv().await.expect("handed over");
+
+    let outcome = d
+        .dispatch_handed_over(vec![handed.clone()], &feed.token)
+        .await
+        .expect("dispatch");
+    assert_eq!(
+        (outcome.published, outcome.deferred, outcome.failed),
+        (0, 1, 0)
+    );
+    assert!(stream_messages(&nats.url(), STREAM).await.is_empty());
+    let released = store
+        .get_event(handed.id)
+        .await
+        .expect("get")
+        .expect("still there");
+    assert_eq!(
+        (released.is_locked, released.locked_by, released.attempts),
+        (false, None, 0),
+        "released, due now, and not a failure"
+    );
+    let swept = d.sweep_once().await.expect("sweep");
+    assert_eq!(swept.published, 1, "the sweep delivers it, once");
+    assert_eq!(published_versions(&nats).await, [0]);
+}

@@ -107,22 +107,34 @@ impl Dispatcher {
     }
 
     /// The first attempt on events the store handed over already claimed under `token` (a change
-    /// feed in the writer's process, see `Store::attach_local_feed`).
+    /// feed in the writer's process, see `Store::attach_local_feed`). Their claim runs from their
+    /// insert: an event that waited in the channel until less than half of the lease is left
+    /// could lose it to a sweep while it is being published, so it is released to the sweep
+    /// instead (counted as deferred, not as a failure).
     pub async fn dispatch_handed_over(
         &self,
         events: Vec<OutboxEvent>,
         token: &str,
     ) -> Result<Outcome, StoreError> {
-        let until = events
-            .iter()
-            .map(|e| e.locked_until)
-            .max()
-            .unwrap_or_else(chrono::Utc::now);
+        let now = chrono::Utc::now();
+        let margin = chrono::Duration::from_std(self.config.lease / 2).unwrap_or_default();
+        let (held, stale): (Vec<OutboxEvent>, Vec<OutboxEvent>) = events
+            .into_iter()
+            .partition(|e| e.locked_until - now >= margin);
         let lease = Lease {
             token: token.to_owned(),
-            until,
+            until: held.iter().map(|e| e.locked_until).min().unwrap_or(now),
         };
-        self.dispatch(events, &lease, Path::ChangeFeed).await
+        if !stale.is_empty() {
+            tracing::warn!(
+                events = stale.len(),
+                "local change feed: events waited too long to be handed over; released to the sweep"
+            );
+            self.release_all(&stale, &lease).await?;
+        }
+        let mut outcome = self.dispatch(held, &lease, Path::ChangeFeed).await?;
+        outcome.deferred += stale.len();
+        Ok(outcome)
     }
 
     /// Unlocks events held under `token` so the next sweep takes them (a local feed stopping).
