@@ -872,14 +872,7 @@ mod tests {
         let store = SqliteStore::open(&path, Default::default())
             .await
             .expect("open");
-        let created = store
-            .create_ticket(&NewTicket {
-                title: crate::Title::parse(Some(&serde_json::json!("x"))).expect("title"),
-                price: crate::Price::parse(Some(&serde_json::json!(1)), "p").expect("price"),
-                user_id: crate::UserId::parse("u").expect("user"),
-            })
-            .await
-            .expect("create");
+        let created = store.create_ticket(&new_ticket("x")).await.expect("create");
         drop(store);
         let again = SqliteStore::open(&path, Default::default())
             .await
@@ -890,54 +883,75 @@ mod tests {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failing_write_in_a_group_undoes_only_itself() {
+    /// A store whose file got `sql` from outside (as an operator, or a bug, could do).
+    async fn store_altered_with(sql: &str) -> (SqliteStore, PathBuf, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("t.db");
         let store = SqliteStore::open(&path, Default::default())
             .await
             .expect("open");
-        // From outside, as an operator (or a bug) could: events of "bad" tickets cannot be written.
         connect(&path)
-            .and_then(|c| {
-                c.execute_batch(
-                    "CREATE TRIGGER no_bad BEFORE INSERT ON events \
-                     WHEN json_extract(NEW.data, '$.title') = 'bad' \
-                     BEGIN SELECT RAISE(ABORT, 'injected'); END;",
-                )
-            })
-            .expect("trigger");
-        let new = |title: &str| NewTicket {
+            .and_then(|c| c.execute_batch(sql))
+            .expect("alter");
+        (store, path, dir)
+    }
+
+    fn new_ticket(title: &str) -> NewTicket {
+        NewTicket {
             title: crate::Title::parse(Some(&serde_json::json!(title))).expect("title"),
             price: crate::Price::parse(Some(&serde_json::json!(1)), "p").expect("price"),
             user_id: crate::UserId::parse("u").expect("user"),
-        };
-        // 64 writes queued at once: they commit in a few groups, good and bad mixed.
-        let writes = (0..64).map(|i| {
+        }
+    }
+
+    /// Creates tickets with these titles all at once (so they commit in a few groups).
+    async fn create_all_at_once(
+        store: &SqliteStore,
+        titles: impl Iterator<Item = &'static str>,
+    ) -> Vec<Result<Ticket, StoreError>> {
+        let writes = titles.map(|title| {
             let store = store.clone();
-            let ticket = new(if i % 2 == 0 { "good" } else { "bad" });
+            let ticket = new_ticket(title);
             tokio::spawn(async move { store.create_ticket(&ticket).await })
         });
-        let results = futures::future::join_all(writes).await;
+        futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .map(|r| r.expect("task"))
+            .collect()
+    }
+
+    fn count(path: &Path, sql: &str) -> i64 {
+        connect(path)
+            .and_then(|c| c.query_row(sql, [], |r| r.get(0)))
+            .expect("count")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_write_in_a_group_undoes_only_itself() {
+        // Events of "bad" tickets cannot be written.
+        let (store, path, _dir) = store_altered_with(
+            "CREATE TRIGGER no_bad BEFORE INSERT ON events \
+             WHEN json_extract(NEW.data, '$.title') = 'bad' \
+             BEGIN SELECT RAISE(ABORT, 'injected'); END;",
+        )
+        .await;
+        // 64 writes queued at once: they commit in a few groups, good and bad mixed.
+        let titles = (0..64).map(|i| if i % 2 == 0 { "good" } else { "bad" });
+        let results = create_all_at_once(&store, titles).await;
         let mut created = Vec::new();
         for (i, r) in results.into_iter().enumerate() {
-            let r = r.expect("task");
             assert_eq!(r.is_ok(), i % 2 == 0, "write {i}: {r:?}");
             if let Ok(t) = r {
                 created.push(t.id);
             }
         }
-        let (tickets, events, bad): (i64, i64, i64) = connect(&path)
-            .and_then(|c| {
-                c.query_row(
-                    "SELECT (SELECT COUNT(*) FROM tickets), (SELECT COUNT(*) FROM events), \
-                     (SELECT COUNT(*) FROM tickets WHERE title = 'bad')",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-                )
-            })
-            .expect("count");
-        assert_eq!((tickets, events, bad), (32, 32, 0));
+        assert_eq!(count(&path, "SELECT COUNT(*) FROM tickets"), 32);
+        assert_eq!(count(&path, "SELECT COUNT(*) FROM events"), 32);
+        assert_eq!(
+            count(&path, "SELECT COUNT(*) FROM tickets WHERE title = 'bad'"),
+            0
+        );
         for id in created {
             assert!(store.get_ticket(id).await.expect("get").is_some());
         }
@@ -945,40 +959,19 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_group_whose_commit_fails_answers_every_write_with_the_error_and_keeps_none() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let path = dir.path().join("t.db");
-        let store = SqliteStore::open(&path, Default::default())
-            .await
-            .expect("open");
         // A "poison" ticket's event inserts a row whose deferred foreign key fails at COMMIT,
         // after every write of its group has succeeded on its own.
-        connect(&path)
-            .and_then(|c| {
-                c.execute_batch(
-                    "CREATE TABLE parent (id INTEGER PRIMARY KEY); \
-                     CREATE TABLE child (parent_id INTEGER REFERENCES parent (id) \
-                         DEFERRABLE INITIALLY DEFERRED); \
-                     CREATE TRIGGER poison AFTER INSERT ON events \
-                     WHEN json_extract(NEW.data, '$.title') = 'poison' \
-                     BEGIN INSERT INTO child VALUES (42); END;",
-                )
-            })
-            .expect("poison");
-        let new = |title: &str| NewTicket {
-            title: crate::Title::parse(Some(&serde_json::json!(title))).expect("title"),
-            price: crate::Price::parse(Some(&serde_json::json!(1)), "p").expect("price"),
-            user_id: crate::UserId::parse("u").expect("user"),
-        };
-        let writes = (0..64).map(|i| {
-            let store = store.clone();
-            let ticket = new(if i == 10 { "poison" } else { "good" });
-            tokio::spawn(async move { store.create_ticket(&ticket).await })
-        });
-        let results: Vec<_> = futures::future::join_all(writes)
-            .await
-            .into_iter()
-            .map(|r| r.expect("task"))
-            .collect();
+        let (store, path, _dir) = store_altered_with(
+            "CREATE TABLE parent (id INTEGER PRIMARY KEY); \
+             CREATE TABLE child (parent_id INTEGER REFERENCES parent (id) \
+                 DEFERRABLE INITIALLY DEFERRED); \
+             CREATE TRIGGER poison AFTER INSERT ON events \
+             WHEN json_extract(NEW.data, '$.title') = 'poison' \
+             BEGIN INSERT INTO child VALUES (42); END;",
+        )
+        .await;
+        let titles = (0..64).map(|i| if i == 10 { "poison" } else { "good" });
+        let results = create_all_at_once(&store, titles).await;
         let failed: Vec<String> = results
             .iter()
             .filter_map(|r| r.as_ref().err())
@@ -994,17 +987,12 @@ mod tests {
             .filter_map(|r| r.as_ref().ok())
             .map(|t| t.id)
             .collect();
-        let (tickets, events): (i64, i64) = connect(&path)
-            .and_then(|c| {
-                c.query_row(
-                    "SELECT (SELECT COUNT(*) FROM tickets), (SELECT COUNT(*) FROM events)",
-                    [],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-            })
-            .expect("count");
+        let stored = (
+            count(&path, "SELECT COUNT(*) FROM tickets"),
+            count(&path, "SELECT COUNT(*) FROM events"),
+        );
         assert_eq!(
-            (tickets, events),
+            stored,
             (kept.len() as i64, kept.len() as i64),
             "exactly the writes that answered Ok are stored, each with its event"
         );
@@ -1012,7 +1000,10 @@ mod tests {
             assert!(store.get_ticket(id).await.expect("get").is_some());
         }
         // The writer goes on: the next write commits.
-        store.create_ticket(&new("after")).await.expect("create");
+        store
+            .create_ticket(&new_ticket("after"))
+            .await
+            .expect("create");
     }
 
     #[test]
