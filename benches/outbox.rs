@@ -132,27 +132,26 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
     // `--only 1,3`: run some scenarios (to iterate on one); the default runs all five.
-    let only: Option<Vec<u32>> = args
-        .iter()
-        .position(|a| a == "--only")
-        .and_then(|i| args.get(i + 1))
-        .map(|list| {
-            list.split(',')
-                .filter_map(|n| n.trim().parse().ok())
-                .collect()
-        });
+    let only: Option<Vec<u32>> = flag_value(&args, "--only").map(|list| {
+        list.split(',')
+            .filter_map(|n| n.trim().parse().ok())
+            .collect()
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("building the tokio runtime")?;
     let mut plan = Plan::new(quick);
     plan.only = only;
-    plan.variants = args
-        .iter()
-        .position(|a| a == "--variants")
-        .and_then(|i| args.get(i + 1))
+    plan.variants = flag_value(&args, "--variants")
         .map(|list| list.chars().filter(char::is_ascii_lowercase).collect());
     runtime.block_on(run(plan))
+}
+
+/// The argument after `flag`, if given.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let i = args.iter().position(|a| a == flag)?;
+    args.get(i + 1).map(String::as_str)
 }
 
 async fn run(plan: Plan) -> anyhow::Result<()> {

@@ -480,17 +480,18 @@ fn run_group(
 ) -> rusqlite::Result<()> {
     conn.execute_batch("BEGIN IMMEDIATE")?;
     let ran = run_jobs(conn, group, options, events).and_then(|()| conn.execute_batch("COMMIT"));
-    if ran.is_err() && !conn.is_autocommit() {
-        // Nothing of the group is kept; the error is what every caller hears.
-        if let Err(e) = conn.execute_batch("ROLLBACK") {
-            tracing::error!(error = %e, "SQLite writer: cannot roll back a failed group; retrying before the next one");
-        }
+    // Nothing of the group is kept; the error is what every caller hears.
+    if ran.is_err()
+        && let Err(e) = leave_failed_transaction(conn)
+    {
+        tracing::error!(error = %e, "SQLite writer: cannot roll back a failed group; retrying before the next one");
     }
     ran
 }
 
-/// A group whose ROLLBACK failed left its transaction open (and the write lock held): roll it
-/// back before the next group, or fail that group with the reason and try again after it.
+/// Rolls back a transaction still open: a failed group's, and before each group, one whose
+/// ROLLBACK failed (it would hold the write lock); if that fails too, the next group fails
+/// with the reason and it is tried again after it.
 fn leave_failed_transaction(conn: &Connection) -> rusqlite::Result<()> {
     if conn.is_autocommit() {
         return Ok(());
