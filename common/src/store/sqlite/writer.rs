@@ -1,7 +1,8 @@
 //! Group commit. One thread owns the writer connection; writes queue on a channel. The thread
 //! takes every write that queued while the previous group was committing, runs them inside one
-//! `BEGIN IMMEDIATE ... COMMIT` (each in its own savepoint, so a write that fails undoes only
-//! itself) and answers them all after that one COMMIT. A ticket write still answers only once
+//! `BEGIN IMMEDIATE ... COMMIT` and answers them all after that one COMMIT. A write that fails
+//! undoes only itself: the group is then rolled back and run again with each write in its own
+//! savepoint (see [`run_group`] for why not always). A ticket write still answers only once
 //! it is on disk (`synchronous=FULL` for any group that holds one), but the writes that queued
 //! behind an fsync share the next one instead of paying one each.
 //!
@@ -64,6 +65,12 @@ struct GroupEvents<'a> {
 }
 
 impl GroupEvents<'_> {
+    /// The group was rolled back: the events its writes produced so far are gone.
+    fn forget(&mut self) {
+        self.handed.clear();
+        self.fresh = false;
+    }
+
     /// The lease to insert the next event under, if the local feed has room for it.
     fn claim_token(&self) -> Option<&str> {
         self.handoff
@@ -75,7 +82,8 @@ impl GroupEvents<'_> {
 /// One queued write, type-erased so writes of any result type share the queue.
 trait Job: Send {
     fn durability(&self) -> Durability;
-    /// Runs the write in the open transaction; false if it failed (its savepoint is rolled back).
+    /// Runs the write in the open transaction; false if it failed. A write may run more than
+    /// once (its group is run again when another write of it failed): only the last run counts.
     fn run(&mut self, conn: &Connection, options: &SqliteOptions, events: &mut GroupEvents)
     -> bool;
     /// Answers the caller once the group's fate is known.
@@ -85,7 +93,7 @@ trait Job: Send {
 struct Pending<T, F> {
     op: &'static str,
     durability: Durability,
-    write: Option<F>,
+    write: F,
     result: Option<Result<T, StoreError>>,
     reply: oneshot::Sender<Result<T, StoreError>>,
 }
@@ -93,16 +101,14 @@ struct Pending<T, F> {
 impl<T, F> Job for Pending<T, F>
 where
     T: Send,
-    F: FnOnce(&Connection, &SqliteOptions) -> rusqlite::Result<T> + Send,
+    F: FnMut(&Connection, &SqliteOptions) -> rusqlite::Result<T> + Send,
 {
     fn durability(&self) -> Durability {
         self.durability
     }
 
     fn run(&mut self, conn: &Connection, options: &SqliteOptions, _: &mut GroupEvents) -> bool {
-        let Some(write) = self.write.take() else {
-            return false;
-        };
+        let write = &mut self.write;
         let result = guarded(self.op, || write(conn, options));
         let ok = result.is_ok();
         self.result = Some(result);
@@ -123,7 +129,7 @@ struct EventWrite<T, F> {
 impl<T, F> Job for EventWrite<T, F>
 where
     T: Send,
-    F: FnOnce(
+    F: FnMut(
             &Connection,
             &SqliteOptions,
             Option<&str>,
@@ -140,9 +146,7 @@ where
         options: &SqliteOptions,
         events: &mut GroupEvents,
     ) -> bool {
-        let Some(write) = self.inner.write.take() else {
-            return false;
-        };
+        let write = &mut self.inner.write;
         let token = events.claim_token().map(str::to_owned);
         let result = guarded(self.inner.op, || write(conn, options, token.as_deref()));
         let result = result.map(|(value, event)| {
@@ -273,13 +277,13 @@ impl Writer {
     ) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection, &SqliteOptions) -> rusqlite::Result<T> + Send + 'static,
+        F: FnMut(&Connection, &SqliteOptions) -> rusqlite::Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(Pending {
             op,
             durability,
-            write: Some(write),
+            write,
             result: None,
             reply,
         });
@@ -294,7 +298,7 @@ impl Writer {
     ) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(
+        F: FnMut(
                 &Connection,
                 &SqliteOptions,
                 Option<&str>,
@@ -307,7 +311,7 @@ impl Writer {
             inner: Pending {
                 op,
                 durability: Durability::Durable,
-                write: Some(write),
+                write,
                 result: None,
                 reply,
             },
@@ -472,14 +476,29 @@ fn set_synchronous(
     Ok(())
 }
 
+/// Runs the group in one transaction. First without savepoints: a savepoint makes SQLite copy
+/// every page a write touches into its sub-journal (and the writes of a group all touch the
+/// same few pages: the ends of each table and index), which cost the writer more than the
+/// writes themselves, and writes almost never fail. If one does, the whole transaction is
+/// rolled back and the group runs again with each write in its own savepoint, so that only the
+/// failing write is undone.
 fn run_group(
     conn: &Connection,
     group: &mut [Box<dyn Job>],
     options: &SqliteOptions,
     events: &mut GroupEvents,
 ) -> rusqlite::Result<()> {
-    conn.execute_batch("BEGIN IMMEDIATE")?;
-    let ran = run_jobs(conn, group, options, events).and_then(|()| conn.execute_batch("COMMIT"));
+    let ran = (|| {
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        if !run_jobs(conn, group, options, events, Isolation::Together)? {
+            // A write failed with the others' effects around it: start again, one savepoint each.
+            leave_failed_transaction(conn)?;
+            events.forget();
+            conn.execute_batch("BEGIN IMMEDIATE")?;
+            run_jobs(conn, group, options, events, Isolation::EachInSavepoint)?;
+        }
+        conn.execute_batch("COMMIT")
+    })();
     // Nothing of the group is kept; the error is what every caller hears.
     if ran.is_err()
         && let Err(e) = leave_failed_transaction(conn)
@@ -499,12 +518,26 @@ fn leave_failed_transaction(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch("ROLLBACK")
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    /// All writes in the transaction as they are: the first failure stops the run.
+    Together,
+    /// Each write in a savepoint, rolled back if it fails; the others go on.
+    EachInSavepoint,
+}
+
+/// Runs the writes of a group in the open transaction. `Ok(false)`: a write failed and
+/// `Together` stopped there (the transaction holds partial work and must be rolled back).
 fn run_jobs(
     conn: &Connection,
     group: &mut [Box<dyn Job>],
     options: &SqliteOptions,
     events: &mut GroupEvents,
-) -> rusqlite::Result<()> {
+    isolation: Isolation,
+) -> rusqlite::Result<bool> {
+    if isolation == Isolation::Together {
+        return Ok(group.iter_mut().all(|job| job.run(conn, options, events)));
+    }
     let mut savepoint = conn.prepare_cached("SAVEPOINT write")?;
     let mut release = conn.prepare_cached("RELEASE write")?;
     let mut rollback = conn.prepare_cached("ROLLBACK TO write")?;
@@ -524,5 +557,5 @@ fn run_jobs(
             release.execute([])?;
         }
     }
-    Ok(())
+    Ok(true)
 }
