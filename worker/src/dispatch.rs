@@ -263,6 +263,8 @@ impl Dispatcher {
             outcome.deferred += blocked.len();
             self.store.release(&blocked, lease).await?;
         }
+        let path_label = path.as_str();
+        let puback_latency = metrics::histogram!("outbox_commit_to_puback_seconds");
         // Waves: the first pending event of every ticket, then the second, ... A ticket whose
         // event failed publishes nothing more in this step.
         loop {
@@ -272,7 +274,6 @@ impl Dispatcher {
                 break;
             }
             let results = self.publisher.publish_batch(&wave).await;
-            let path_label = path.as_str();
             metrics::counter!("outbox_publish_attempts_total", "path" => path_label)
                 .increment(wave.len() as u64);
             let acked_at = chrono::Utc::now();
@@ -290,8 +291,7 @@ impl Dispatcher {
                                 "JetStream dropped a duplicate: an earlier attempt got through");
                         }
                         let latency = (acked_at - event.created_at).to_std().unwrap_or_default();
-                        metrics::histogram!("outbox_commit_to_puback_seconds")
-                            .record(latency.as_secs_f64());
+                        puback_latency.record(latency.as_secs_f64());
                         delivered.push(event.id);
                     }
                     Err(error) => {
