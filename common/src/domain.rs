@@ -253,6 +253,47 @@ pub struct Failure {
 /// How many failures an event keeps; `attempts` counts them all.
 pub const FAILURES_KEPT: usize = 10;
 
+/// An event's payload: JSON text, serialised once when the event is made and carried as that
+/// text to the store, back from it, and to NATS (no `serde_json::Value` in between).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Payload(String);
+
+impl Payload {
+    /// The JSON of `value`.
+    pub fn of<T: Serialize>(value: &T) -> serde_json::Result<Self> {
+        serde_json::to_string(value).map(Self)
+    }
+
+    /// JSON text read back from a store: checked to be one JSON value, without building it.
+    pub fn parse(text: String) -> serde_json::Result<Self> {
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)?;
+        Ok(Self(text))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The payload as a JSON value (stores that keep documents, snapshots shown to people).
+    pub fn to_value(&self) -> serde_json::Value {
+        serde_json::from_str(&self.0).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// In a serialised event (an alert's snapshot) the payload is the JSON value itself, not a string.
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_value().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = serde_json::Value::deserialize(deserializer)?;
+        Payload::of(&value).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A row of the `events` table / a document of the `events` collection: one undelivered event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -260,7 +301,7 @@ pub struct OutboxEvent {
     pub id: EventId,
     pub subject: Subject,
     /// The payload published to NATS, built from the row as the transaction stored it.
-    pub data: serde_json::Value,
+    pub data: Payload,
     /// The ticket the event is about; events of one aggregate are published in `version` order.
     pub aggregate_id: TicketId,
     pub version: i64,
@@ -286,7 +327,8 @@ impl OutboxEvent {
         Self {
             id: EventId::new(),
             subject,
-            data: serde_json::to_value(ticket).unwrap_or(serde_json::Value::Null),
+            // A `Ticket` has no map with non-string keys: serialising it cannot fail.
+            data: Payload::of(ticket).unwrap_or_else(|_| Payload("null".to_owned())),
             aggregate_id: ticket.id,
             version: ticket.version,
             is_locked: true,
@@ -406,5 +448,36 @@ mod tests {
         assert!(TicketId::parse("507f1f77bcf86cd79943901").is_none());
         let id = TicketId::new();
         assert_eq!(TicketId::parse(&id.to_hex()), Some(id));
+    }
+
+    #[test]
+    fn a_payload_is_the_json_text_and_an_event_snapshot_embeds_it_as_json() {
+        let ticket = Ticket {
+            id: TicketId::new(),
+            title: "concert".into(),
+            price: 20.5,
+            user_id: "u1".into(),
+            version: 3,
+            order_id: None,
+        };
+        let event = OutboxEvent::for_ticket(
+            Subject::TicketUpdated,
+            &ticket,
+            Utc::now(),
+            chrono::Duration::seconds(30),
+        );
+        assert_eq!(
+            event.data.as_str(),
+            serde_json::to_string(&ticket).expect("json")
+        );
+        // In a snapshot (alerts) `data` is the ticket object, not a string, and comes back equal.
+        let snapshot = serde_json::to_value(&event).expect("snapshot");
+        assert_eq!(snapshot["data"]["title"], json!("concert"));
+        let back: OutboxEvent = serde_json::from_value(snapshot).expect("back");
+        assert_eq!(back.data, event.data);
+        // Text read back from a store must be one JSON value.
+        assert!(Payload::parse(r#"{"id":"x"}"#.to_owned()).is_ok());
+        assert!(Payload::parse("{\"id\":".to_owned()).is_err());
+        assert!(Payload::parse("{} {}".to_owned()).is_err());
     }
 }

@@ -6,7 +6,7 @@ pub mod jobs;
 pub mod store;
 
 pub use domain::{
-    EventId, Failure, NewTicket, OutboxEvent, Price, Subject, Ticket, TicketChanges, TicketId,
-    Title, UserId, ValidationError,
+    EventId, Failure, NewTicket, OutboxEvent, Payload, Price, Subject, Ticket, TicketChanges,
+    TicketId, Title, UserId, ValidationError,
 };
 pub use store::{Store, StoreError};

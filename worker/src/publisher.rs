@@ -161,13 +161,8 @@ impl JetStreamPublisher {
         }
         let mut pending = Vec::with_capacity(events.len());
         for event in events {
-            let payload = match serde_json::to_vec(&event.data) {
-                Ok(p) => p,
-                Err(e) => {
-                    pending.push(Err(format!("cannot encode payload: {e}")));
-                    continue;
-                }
-            };
+            // The payload is the JSON text as stored: no serialisation here.
+            let payload = event.data.as_str().as_bytes().to_vec();
             let message = jetstream::message::PublishMessage::build()
                 .payload(payload.into())
                 .message_id(event.id.to_hex());

@@ -24,8 +24,8 @@ use super::{
     Store, StoreError, UpdateOutcome,
 };
 use crate::domain::{
-    EventId, FAILURES_KEPT, Failure, NewTicket, OutboxEvent, Subject, Ticket, TicketChanges,
-    TicketId,
+    EventId, FAILURES_KEPT, Failure, NewTicket, OutboxEvent, Payload, Subject, Ticket,
+    TicketChanges, TicketId,
 };
 use bson::oid::ObjectId;
 use bson::{Bson, Document, doc};
@@ -656,7 +656,7 @@ fn event_doc(e: &OutboxEvent) -> Document {
     doc! {
         "_id": e.id.object_id(),
         "subject": e.subject.as_str(),
-        "data": json_to_bson(&e.data),
+        "data": json_to_bson(&e.data.to_value()),
         "aggregateId": e.aggregate_id.object_id(),
         "version": e.version,
         "isLocked": e.is_locked,
@@ -690,7 +690,8 @@ fn event_from_doc(d: &Document) -> Result<OutboxEvent, StoreError> {
         id: EventId::from_object_id(f.oid("_id")?),
         subject: Subject::parse(subject)
             .ok_or_else(|| f.bad("subject", &format!("is unknown: {subject:?}")))?,
-        data: bson_to_json(&Bson::Document(f.doc("data")?.clone())),
+        data: Payload::of(&bson_to_json(&Bson::Document(f.doc("data")?.clone())))
+            .map_err(|e| f.bad("data", &format!("cannot be encoded as JSON: {e}")))?,
         aggregate_id: TicketId::from_object_id(f.oid("aggregateId")?),
         version: f.i64("version")?,
         is_locked: f.bool("isLocked")?,
@@ -1447,7 +1448,10 @@ mod tests {
         assert!(matches!(data.get("id"), Some(Bson::String(_))));
         let back = event_from_doc(&d).expect("parse");
         assert_eq!(back, e);
-        assert_eq!(back.data, serde_json::to_value(&t).expect("json"));
+        assert_eq!(
+            back.data.to_value(),
+            serde_json::to_value(&t).expect("json")
+        );
         // A fresh event: no holder, not alerted.
         let fresh = OutboxEvent::for_ticket(
             Subject::TicketCreated,

@@ -9,8 +9,8 @@ use super::{
     PendingVersion, Store, StoreError, UpdateOutcome,
 };
 use crate::domain::{
-    EventId, FAILURES_KEPT, Failure, NewTicket, OutboxEvent, Subject, Ticket, TicketChanges,
-    TicketId,
+    EventId, FAILURES_KEPT, Failure, NewTicket, OutboxEvent, Payload, Subject, Ticket,
+    TicketChanges, TicketId,
 };
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params, params_from_iter};
@@ -257,7 +257,7 @@ fn event_from_row(row: &Row) -> rusqlite::Result<OutboxEvent> {
         id: parse_oid(0, &id, EventId::parse)?,
         subject: Subject::parse(&subject)
             .ok_or_else(|| conversion_error(1, format!("unknown subject {subject:?}")))?,
-        data: json_col(row, 2)?,
+        data: Payload::parse(row.get(2)?).map_err(|e| conversion_error(2, e))?,
         aggregate_id: parse_oid(3, &aggregate, TicketId::parse)?,
         version: row.get(4)?,
         is_locked: row.get(5)?,
@@ -299,7 +299,7 @@ fn insert_event(conn: &Connection, e: &OutboxEvent) -> rusqlite::Result<()> {
     .execute(params![
         e.id.to_hex(),
         e.subject.as_str(),
-        to_json(&e.data)?,
+        e.data.as_str(),
         e.aggregate_id.to_hex(),
         e.version,
         e.is_locked,
