@@ -1,6 +1,7 @@
 //! Outbox benchmarks: `cargo bench --bench outbox` (full) or `cargo bench --bench outbox --
 //! --quick` (CI smoke run: small sizes, no assertion on speed). `-- --only 1,3` runs some of the
-//! scenarios, `-- --only 1 --variants b` one variant of scenario 1 (to profile it).
+//! scenarios, `-- --only 1 --variants b` one variant of scenario 1 (to profile it), and
+//! `-- --only 2 --latency-rate 7200` scenario 2 at a given rate instead of half of 1b's peak.
 //!
 //! Starts its own `nats-server -js` (ticketing::harness::NatsServer), runs the service in-process
 //! (and `ticketing all` as a child process for the memory scenario), and prints one table. Every
@@ -67,6 +68,8 @@ struct Plan {
     sweep_reps: usize,
     only: Option<Vec<u32>>,
     variants: Option<Vec<char>>,
+    /// Scenario 2's request rate, instead of half of 1b's peak (to compare builds at one load).
+    latency_rate: Option<f64>,
 }
 
 impl Plan {
@@ -92,6 +95,7 @@ impl Plan {
                 sweep_reps: 3,
                 only: None,
                 variants: None,
+                latency_rate: None,
             }
         } else {
             Self {
@@ -108,6 +112,7 @@ impl Plan {
                 sweep_reps: 11,
                 only: None,
                 variants: None,
+                latency_rate: None,
             }
         }
     }
@@ -145,6 +150,7 @@ fn main() -> anyhow::Result<()> {
     plan.only = only;
     plan.variants = flag_value(&args, "--variants")
         .map(|list| list.chars().filter(char::is_ascii_lowercase).collect());
+    plan.latency_rate = flag_value(&args, "--latency-rate").and_then(|r| r.parse().ok());
     runtime.block_on(run(plan))
 }
 
@@ -180,9 +186,11 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         peak_b = Some(scenario_throughput(&plan, &url, &token, &mut rows).await?);
     }
     if plan.runs(2) {
-        let peak_b = match peak_b {
-            Some(p) => p,
-            None => {
+        let peak_b = match (peak_b, plan.latency_rate) {
+            (Some(p), _) => p,
+            // The rate is given: no peak to measure.
+            (None, Some(rate)) => rate * 2.0,
+            (None, None) => {
                 // Scenario 1 was not asked for: one 1b round gives the peak to pace against.
                 let single = Plan {
                     http_rounds: 1,
@@ -194,7 +202,11 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             }
         };
         println!(
-            "\n[2] commit-to-receipt latency at 50% of 1b's peak (load {})",
+            "\n[2] commit-to-receipt latency at {} (load {})",
+            plan.latency_rate
+                .map_or("50% of 1b's peak".to_owned(), |r| format!(
+                    "{r:.0} req/s (--latency-rate)"
+                )),
             env::load_average()
         );
         scenario_latency(&plan, &url, &token, peak_b, &mut rows).await?;
@@ -610,7 +622,7 @@ async fn scenario_latency(
             }
         })
     };
-    let rate = (peak_b * 0.5).max(1.0);
+    let rate = plan.latency_rate.unwrap_or((peak_b * 0.5).max(1.0));
     let warm = (rate * plan.latency_warmup_secs) as usize;
     let count = (rate * plan.latency_secs).max(10.0) as usize;
     let paced = load::open_loop(service.addr, token, rate, warm + count).await?;
@@ -656,6 +668,7 @@ async fn scenario_latency(
         };
         from_201.push(signed * 1e3);
     }
+    let episodes = slow_episodes(&measured, &from_commit);
     let (p50, p99, max) = (
         load::percentile(&mut from_commit, 50.0),
         load::percentile(&mut from_commit, 99.0),
@@ -676,10 +689,22 @@ async fn scenario_latency(
          {http99:.2} ms; raw publish->PubAck p50 {rtt50:.2} ms, p99 {rtt99:.2} ms",
         ids.len()
     );
+    for e in &episodes {
+        println!(
+            "  slow episode {:.2}-{:.2} s into the measurement: {} events over {SLOW_MS} ms \
+             (max {:.1} ms), HTTP requests sent then up to {:.1} ms",
+            e.from, e.to, e.events, e.max_ms, e.http_max_ms
+        );
+    }
     rows.push(Row {
         id: "2".into(),
         what: format!(
-            "commit -> JetStream receipt under 1b at {rate:.0} req/s (50% of peak), {} events",
+            "commit -> JetStream receipt under 1b at {rate:.0} req/s ({}), {} events",
+            if plan.latency_rate.is_some() {
+                "--latency-rate"
+            } else {
+                "50% of peak"
+            },
             ids.len()
         ),
         measured: format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
@@ -689,6 +714,51 @@ async fn scenario_latency(
         verdict: verdict(p99 < 20.0),
     });
     Ok(())
+}
+
+/// Commit-to-receipt latency above which an event counts as slow in [`slow_episodes`].
+const SLOW_MS: f64 = 20.0;
+
+/// A stretch of the measurement in which events were slow (gaps under 50 ms joined).
+struct SlowEpisode {
+    from: f64,
+    to: f64,
+    events: usize,
+    max_ms: f64,
+    http_max_ms: f64,
+}
+
+/// When a p99 misses, whether it was one stall or a steady tail: the stretches of slow events,
+/// with the slowest HTTP request of each (a stall the requests shared is the machine's, one they
+/// did not is the outbox's).
+fn slow_episodes(measured: &[load::Paced], latency_ms: &[f64]) -> Vec<SlowEpisode> {
+    let Some(first) = measured.first() else {
+        return Vec::new();
+    };
+    let mut episodes: Vec<SlowEpisode> = Vec::new();
+    for (p, &ms) in measured.iter().zip(latency_ms) {
+        if ms <= SLOW_MS {
+            continue;
+        }
+        let at = p.sent.duration_since(first.sent).as_secs_f64();
+        let http = p.answered.duration_since(p.sent).as_secs_f64() * 1e3;
+        match episodes.last_mut() {
+            Some(e) if at - e.to < 0.05 => {
+                e.to = at;
+                e.events += 1;
+                e.max_ms = e.max_ms.max(ms);
+                e.http_max_ms = e.http_max_ms.max(http);
+            }
+            _ => episodes.push(SlowEpisode {
+                from: at,
+                to: at,
+                events: 1,
+                max_ms: ms,
+                http_max_ms: http,
+            }),
+        }
+    }
+    episodes
 }
 
 // ---------------------------------------------------------------------------------------------
