@@ -231,8 +231,9 @@ impl Writer {
         // A backstop only: the checkpointer keeps the WAL copied back, so when a long burst of
         // writes makes the WAL reach this size the writer's own checkpoint finds little left
         // to copy, and the WAL restarts from its beginning instead of growing.
-        // Savepoints keep the pages they change in a sub-journal; in memory, a claim of 1,000
-        // rows does not spill it to a temporary file.
+        // A statement that changes many rows inside a transaction (a claim of 1,000) and a
+        // savepoint keep the pages they change in a sub-journal; in memory, it does not spill
+        // to a temporary file.
         conn.pragma_update(None, "temp_store", "MEMORY")
             .and_then(|()| conn.pragma_update(None, "wal_autocheckpoint", WRITER_CHECKPOINT_PAGES))
             .and_then(|()| conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT))
