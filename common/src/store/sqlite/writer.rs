@@ -482,7 +482,7 @@ fn set_synchronous(
 /// same few pages: the ends of each table and index), which cost the writer more than the
 /// writes themselves, and writes almost never fail. If one does, the whole transaction is
 /// rolled back and the group runs again with each write in its own savepoint, so that only the
-/// failing write is undone.
+/// failing write is undone (a write alone in its group is not run again: the rollback was all).
 fn run_group(
     conn: &Connection,
     group: &mut [Box<dyn Job>],
@@ -491,13 +491,18 @@ fn run_group(
 ) -> rusqlite::Result<()> {
     let ran = (|| {
         conn.execute_batch("BEGIN IMMEDIATE")?;
-        if !run_jobs(conn, group, options, events, Isolation::Together)? {
-            // A write failed with the others' effects around it: start again, one savepoint each.
-            leave_failed_transaction(conn)?;
-            events.forget();
-            conn.execute_batch("BEGIN IMMEDIATE")?;
-            run_jobs(conn, group, options, events, Isolation::EachInSavepoint)?;
+        if run_jobs(conn, group, options, events, Isolation::Together)? {
+            return conn.execute_batch("COMMIT");
         }
+        // A write failed with the others' effects around it.
+        leave_failed_transaction(conn)?;
+        events.forget();
+        if group.len() == 1 {
+            return Ok(()); // it was alone: the rollback undid just it
+        }
+        // Start again, one savepoint each.
+        conn.execute_batch("BEGIN IMMEDIATE")?;
+        run_jobs(conn, group, options, events, Isolation::EachInSavepoint)?;
         conn.execute_batch("COMMIT")
     })();
     // Nothing of the group is kept; the error is what every caller hears.
