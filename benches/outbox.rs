@@ -625,6 +625,8 @@ async fn scenario_latency(
     let rate = plan.latency_rate.unwrap_or((peak_b * 0.5).max(1.0));
     let warm = (rate * plan.latency_warmup_secs) as usize;
     let count = (rate * plan.latency_secs).max(10.0) as usize;
+    // Wall-clock of one instant, so slow episodes can be matched against other logs.
+    let (wall0, inst0) = (chrono::Utc::now(), Instant::now());
     let paced = load::open_loop(service.addr, token, rate, warm + count).await?;
     let measured: Vec<_> = paced[warm..].to_vec();
     let ids: Vec<TicketId> = measured.iter().filter_map(|p| p.ticket).collect();
@@ -680,21 +682,44 @@ async fn scenario_latency(
     );
     let mut http: Vec<f64> = measured
         .iter()
-        .map(|p| p.answered.duration_since(p.sent).as_secs_f64() * 1e3)
+        .map(|p| p.answered.duration_since(p.due).as_secs_f64() * 1e3)
         .collect();
     let http99 = load::percentile(&mut http, 99.0);
+    // Requests that found all the generator's connections busy and waited for one.
+    let queued: Vec<f64> = measured
+        .iter()
+        .filter_map(|p| p.waited_for_connection)
+        .map(|d| d.as_secs_f64() * 1e3)
+        .collect();
     println!(
         "  {} paced requests at {rate:.0} req/s: commit->receipt p50 {p50:.2} ms, p99 {p99:.2} ms, \
-         max {max:.2} ms; 201->receipt p50 {h50:.2} ms, p99 {h99:.2} ms; HTTP request p99 \
-         {http99:.2} ms; raw publish->PubAck p50 {rtt50:.2} ms, p99 {rtt99:.2} ms",
-        ids.len()
+         max {max:.2} ms; 201->receipt p50 {h50:.2} ms, p99 {h99:.2} ms; HTTP request (from its \
+         due time) p99 {http99:.2} ms; {} waited for one of the {} connections (max \
+         {:.1} ms); raw publish->PubAck p50 {rtt50:.2} ms, p99 {rtt99:.2} ms",
+        ids.len(),
+        queued.len(),
+        load::OPEN_LOOP_CONNECTIONS,
+        queued.iter().copied().fold(0.0, f64::max)
     );
-    for e in &episodes {
-        println!(
-            "  slow episode {:.2}-{:.2} s into the measurement: {} events over {SLOW_MS} ms \
-             (max {:.1} ms), HTTP requests sent then up to {:.1} ms",
-            e.from, e.to, e.events, e.max_ms, e.http_max_ms
-        );
+    if let Some(first) = measured.first() {
+        let offset = chrono::Duration::from_std(first.due.saturating_duration_since(inst0))?;
+        let at = |secs: f64| {
+            (wall0 + offset + chrono::Duration::microseconds((secs * 1e6) as i64))
+                .format("%H:%M:%S%.3f")
+        };
+        for e in &episodes {
+            println!(
+                "  slow episode {:.2}-{:.2} s into the measurement ({}-{} UTC): {} events over \
+                 {SLOW_MS} ms (max {:.1} ms), HTTP requests sent then up to {:.1} ms",
+                e.from,
+                e.to,
+                at(e.from),
+                at(e.to),
+                e.events,
+                e.max_ms,
+                e.http_max_ms
+            );
+        }
     }
     rows.push(Row {
         id: "2".into(),
@@ -740,8 +765,8 @@ fn slow_episodes(measured: &[load::Paced], latency_ms: &[f64]) -> Vec<SlowEpisod
         if ms <= SLOW_MS {
             continue;
         }
-        let at = p.sent.duration_since(first.sent).as_secs_f64();
-        let http = p.answered.duration_since(p.sent).as_secs_f64() * 1e3;
+        let at = p.due.duration_since(first.due).as_secs_f64();
+        let http = p.answered.duration_since(p.due).as_secs_f64() * 1e3;
         match episodes.last_mut() {
             Some(e) if at - e.to < 0.05 => {
                 e.to = at;

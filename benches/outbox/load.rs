@@ -104,22 +104,35 @@ pub async fn closed_loop(
     })
 }
 
-/// One paced request: when it was due and sent, when its 201 arrived, the ticket it created.
+/// One paced request: when it was due and answered, how long it waited for a connection, and
+/// the ticket it created.
 #[derive(Debug, Clone)]
 pub struct Paced {
-    pub sent: Instant,
+    pub due: Instant,
+    /// How long it waited for a free connection, if all were busy when it was due.
+    pub waited_for_connection: Option<Duration>,
     pub answered: Instant,
     pub ticket: Option<TicketId>,
 }
 
-/// Open loop: request `i` starts at `start + i / rate`, each on its own task.
+/// Connections of the open-loop generator: opened before the schedule starts and never more.
+/// Without the bound, every short stall of a 2-core machine made the generator open hundreds of
+/// new connections (one per request beyond the idle ones) and close them again, and that churn,
+/// paid by the service and the generator on the same two cores, stretched the stall it answered.
+pub const OPEN_LOOP_CONNECTIONS: usize = 256;
+
+/// Open loop: request `i` is due at `start + i / rate`, each on its own task, over at most
+/// [`OPEN_LOOP_CONNECTIONS`] keep-alive connections (a request due while all are busy waits for
+/// one, and that wait counts in its latency: latencies run from `due`).
 pub async fn open_loop(
     addr: SocketAddr,
     token: &str,
     rate: f64,
     count: usize,
 ) -> anyhow::Result<Vec<Paced>> {
-    let http = client(256)?;
+    let http = client(OPEN_LOOP_CONNECTIONS)?;
+    warm_pool(&http, addr, OPEN_LOOP_CONNECTIONS).await?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(OPEN_LOOP_CONNECTIONS));
     let url = Arc::new(format!("http://{addr}/api/tickets"));
     let token: Arc<str> = Arc::from(token);
     let interval = Duration::from_secs_f64(1.0 / rate);
@@ -128,9 +141,15 @@ pub async fn open_loop(
     for i in 0..count {
         let due = start + interval.mul_f64(i as f64);
         tokio::time::sleep_until(due.into()).await;
-        let (http, url, token) = (http.clone(), url.clone(), token.clone());
+        let (http, url, token, slots) = (http.clone(), url.clone(), token.clone(), slots.clone());
         tasks.push(tokio::spawn(async move {
-            let sent = Instant::now();
+            let (_slot, waited_for_connection) = match slots.clone().try_acquire_owned() {
+                Ok(slot) => (Ok(slot), None),
+                Err(_) => {
+                    let t = Instant::now();
+                    (slots.acquire_owned().await, Some(t.elapsed()))
+                }
+            };
             let resp = http
                 .post(url.as_str())
                 .bearer_auth(&*token)
@@ -146,7 +165,8 @@ pub async fn open_loop(
                 _ => None,
             };
             Paced {
-                sent,
+                due,
+                waited_for_connection,
                 answered: Instant::now(),
                 ticket,
             }
@@ -157,6 +177,24 @@ pub async fn open_loop(
         out.push(t.await.context("paced request task")?);
     }
     Ok(out)
+}
+
+/// Opens `connections` keep-alive connections (as many requests at once), so the schedule does
+/// not start with a burst of connects.
+async fn warm_pool(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    connections: usize,
+) -> anyhow::Result<()> {
+    let url = format!("http://{addr}/api/tickets?limit=1");
+    let requests = (0..connections).map(|_| async {
+        let resp = http.get(&url).send().await?.error_for_status()?;
+        resp.bytes().await
+    });
+    for r in futures::future::join_all(requests).await {
+        r.context("warming the connection pool")?;
+    }
+    Ok(())
 }
 
 /// Nearest-rank percentile; sorts `v`. NaN when empty.
