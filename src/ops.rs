@@ -112,7 +112,10 @@ impl Probes {
         (ready, body)
     }
 
-    /// Refreshes the outbox gauges (cheap: counts over indexes, the oldest event by order).
+    /// Refreshes the outbox gauges: counts and the oldest event. Cheap while the outbox is
+    /// near empty; during an outage the unlocked and past-threshold counts read every waiting
+    /// event (MongoDB: its `events_due` index entries; the past-threshold count has no index).
+    /// Bounded by `CHECK_TIMEOUT`.
     async fn refresh_gauges(&self) {
         let Some(store) = &self.store else { return };
         match tokio::time::timeout(CHECK_TIMEOUT, store.outbox_stats(self.alert_threshold)).await {

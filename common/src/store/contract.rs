@@ -30,6 +30,9 @@ macro_rules! __store_contract_checks {
             change_feed_sees_commits_in_order,
             alerts_are_claimed_once,
             stats_and_operator_commands,
+            concurrent_claims_each_get_a_full_batch_while_enough_are_due,
+            a_stale_failure_report_raises_no_alert,
+            concurrent_updates_of_one_ticket_answer_updated_or_conflict,
         );
     };
 }
@@ -495,4 +498,120 @@ pub async fn stats_and_operator_commands(store: &dyn Store) {
         store.claim_due(10, &lease("s")).await.expect("due").len(),
         2
     );
+}
+
+/// Sweep lanes claim side by side, and a lane takes a short claim to mean "nothing more is due".
+/// So a claim returns fewer than `limit` only when fewer were due, even while others claim.
+pub async fn concurrent_claims_each_get_a_full_batch_while_enough_are_due(store: &dyn Store) {
+    for i in 0..60 {
+        store
+            .create_ticket(&new_ticket(&format!("t{i}"), 1.0, "u"))
+            .await
+            .expect("create");
+    }
+    let ids: Vec<_> = store
+        .list_events(100, None)
+        .await
+        .expect("list")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(store.unlock_events(&ids).await.expect("unlock"), 60);
+    let (a, b, c) = (lease("lane-a"), lease("lane-b"), lease("lane-c"));
+    let (ca, cb, cc) = futures::join!(
+        store.claim_due(15, &a),
+        store.claim_due(15, &b),
+        store.claim_due(15, &c)
+    );
+    let claims = [ca.expect("a"), cb.expect("b"), cc.expect("c")];
+    let sizes: Vec<usize> = claims.iter().map(Vec::len).collect();
+    assert_eq!(
+        sizes,
+        [15, 15, 15],
+        "each concurrent claim gets a full batch"
+    );
+    let mut taken: Vec<_> = claims.iter().flatten().map(|e| e.id).collect();
+    taken.sort();
+    taken.dedup();
+    assert_eq!(taken.len(), 45, "no event claimed twice");
+    let rest = store.claim_due(20, &lease("lane-d")).await.expect("d");
+    assert_eq!(
+        rest.len(),
+        15,
+        "a short claim means that is all that was due"
+    );
+}
+
+/// Only the caller still holding an event records its failure, and only such a caller can raise
+/// its alert: not one whose lease was taken over, even when the threshold is already reached.
+pub async fn a_stale_failure_report_raises_no_alert(store: &dyn Store) {
+    store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    let id = store.list_events(1, None).await.expect("list")[0].id;
+    let old = lease("old-holder");
+    assert_eq!(store.claim_fresh(&[id], &old).await.expect("c").len(), 1);
+    let alerted = store
+        .record_failure(&[id], &old, "error 1", 5)
+        .await
+        .expect("fail");
+    assert!(alerted.is_empty());
+    let holder = lease("holder");
+    assert_eq!(store.claim_due(10, &holder).await.expect("due").len(), 1);
+    // The old holder reports again, with a threshold the event has reached: nothing happens.
+    let stale = store
+        .record_failure(&[id], &old, "late", 1)
+        .await
+        .expect("fail");
+    assert!(stale.is_empty(), "a stale report must not alert: {stale:?}");
+    let e = store.get_event(id).await.expect("get").expect("exists");
+    assert_eq!(e.attempts, 1);
+    assert!(e.alerted_at.is_none());
+    assert_eq!(e.locked_by.as_deref(), Some(holder.token.as_str()));
+    assert!(
+        store
+            .claim_alerts(10, &lease("a"))
+            .await
+            .expect("alerts")
+            .is_empty()
+    );
+    // The holder's report alerts, once, with the event as it stands after this failure.
+    let alerted = store
+        .record_failure(&[id], &holder, "error 2", 1)
+        .await
+        .expect("fail");
+    assert_eq!(alerted.len(), 1);
+    assert_eq!(alerted[0].attempts, 2);
+    let alerts = store.claim_alerts(10, &lease("a")).await.expect("alerts");
+    assert_eq!(alerts.len(), 1);
+    assert_eq!(alerts[0].event.attempts, 2);
+    assert_eq!(alerts[0].event.last_error(), Some("error 2"));
+}
+
+/// Writers racing on one version: exactly one wins, every other one hears `Conflict` (which the
+/// API answers by re-reading), never an error.
+pub async fn concurrent_updates_of_one_ticket_answer_updated_or_conflict(store: &dyn Store) {
+    let t = store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    let attempts = (0..8).map(|i| {
+        let changes = changes(&format!("v{i}"), 2.0);
+        async move { store.update_ticket(t.id, 0, &changes).await }
+    });
+    let outcomes = futures::future::join_all(attempts).await;
+    let mut updated = 0;
+    for outcome in outcomes {
+        match outcome.expect("contention must not be an error") {
+            UpdateOutcome::Updated(u) => {
+                updated += 1;
+                assert_eq!(u.version, 1);
+            }
+            UpdateOutcome::Conflict => {}
+            other => panic!("expected Updated or Conflict, got {other:?}"),
+        }
+    }
+    assert_eq!(updated, 1, "exactly one writer wins version 0");
+    assert_eq!(store.list_events(10, None).await.expect("list").len(), 2);
 }

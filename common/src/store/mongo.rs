@@ -50,6 +50,8 @@ const FEED_NAME: &str = "change-feed";
 const TXN_ATTEMPTS: u32 = 5;
 /// Time budget of one ticket transaction, retries included: an HTTP request is waiting.
 const TXN_BUDGET: Duration = Duration::from_secs(10);
+/// Rounds of one `claim_due` while concurrent claimers keep taking its candidates.
+const CLAIM_ROUNDS: usize = 16;
 
 #[derive(Debug, Clone)]
 pub struct MongoOptions {
@@ -251,6 +253,9 @@ impl MongoStore {
                             tokio::time::sleep(backoff(attempt)).await;
                             continue 'transaction;
                         }
+                        TxnError::Driver(e) if is_write_conflict(&e) => {
+                            return Err(contended(op, attempt, e));
+                        }
                         TxnError::Driver(e) => return Err(StoreError::backend(op, e)),
                         TxnError::Store(e) => return Err(e),
                     }
@@ -276,6 +281,7 @@ impl MongoStore {
                         tokio::time::sleep(backoff(attempt)).await;
                         continue 'transaction;
                     }
+                    Err(e) if is_write_conflict(&e) => return Err(contended(op, attempt, e)),
                     Err(e) => return Err(StoreError::backend(op, e)),
                 }
             }
@@ -486,6 +492,25 @@ fn command_code(e: &mongodb::error::Error) -> Option<i32> {
 
 fn is_duplicate_key(e: &mongodb::error::Error) -> bool {
     command_code(e) == Some(11000)
+}
+
+/// 112 WriteConflict: another transaction wrote the same document first (transactions do not
+/// wait for each other's locks; the loser is aborted at once).
+fn is_write_conflict(e: &mongodb::error::Error) -> bool {
+    command_code(e) == Some(112)
+}
+
+/// A transaction that kept losing write conflicts until its retries ran out.
+#[derive(Debug, thiserror::Error)]
+#[error("gave up after {attempts} attempts that lost a write conflict")]
+struct Contended {
+    attempts: u32,
+    #[source]
+    source: mongodb::error::Error,
+}
+
+fn contended(op: &'static str, attempts: u32, source: mongodb::error::Error) -> StoreError {
+    StoreError::backend(op, Contended { attempts, source })
 }
 
 /// The resume token is no longer usable: it fell off the oplog (286 ChangeStreamHistoryLost;
@@ -927,10 +952,11 @@ impl Store for MongoStore {
         let (write_outbox, fresh_lock) = (self.options.write_outbox, self.options.fresh_lock);
         let (title, price) = (changes.title.as_str().to_owned(), changes.price.value());
         let oid = id.object_id();
-        self.transaction("update_ticket", move |s| {
-            let (tickets, events, title) = (tickets.clone(), events.clone(), title.clone());
-            async move {
-                let updated = tickets
+        let outcome = self
+            .transaction("update_ticket", move |s| {
+                let (tickets, events, title) = (tickets.clone(), events.clone(), title.clone());
+                async move {
+                    let updated = tickets
                     .find_one_and_update(
                         doc! {"_id": oid, "version": expected_version},
                         doc! {"$set": {"title": title, "price": price}, "$inc": {"version": 1_i64}},
@@ -938,38 +964,46 @@ impl Store for MongoStore {
                     .return_document(ReturnDocument::After)
                     .session(&mut *s)
                     .await?;
-                let Some(updated) = updated else {
-                    let exists = tickets
-                        .find_one(doc! {"_id": oid})
-                        .projection(doc! {"_id": 1})
-                        .session(&mut *s)
-                        .await?
-                        .is_some();
-                    return Ok(if exists {
-                        UpdateOutcome::Conflict
-                    } else {
-                        UpdateOutcome::NotFound
-                    });
-                };
-                // The event is built from the document as this transaction stored it.
-                let stored = ticket_from_doc(&updated)?;
-                if write_outbox {
-                    let event = OutboxEvent::for_ticket(
-                        Subject::TicketUpdated,
-                        &stored,
-                        now_ms(),
-                        chrono::Duration::from_std(fresh_lock).unwrap_or_default(),
-                    );
-                    events
-                        .insert_one(event_doc(&event))
-                        .session(&mut *s)
-                        .await?;
+                    let Some(updated) = updated else {
+                        let exists = tickets
+                            .find_one(doc! {"_id": oid})
+                            .projection(doc! {"_id": 1})
+                            .session(&mut *s)
+                            .await?
+                            .is_some();
+                        return Ok(if exists {
+                            UpdateOutcome::Conflict
+                        } else {
+                            UpdateOutcome::NotFound
+                        });
+                    };
+                    // The event is built from the document as this transaction stored it.
+                    let stored = ticket_from_doc(&updated)?;
+                    if write_outbox {
+                        let event = OutboxEvent::for_ticket(
+                            Subject::TicketUpdated,
+                            &stored,
+                            now_ms(),
+                            chrono::Duration::from_std(fresh_lock).unwrap_or_default(),
+                        );
+                        events
+                            .insert_one(event_doc(&event))
+                            .session(&mut *s)
+                            .await?;
+                    }
+                    Ok(UpdateOutcome::Updated(stored))
                 }
-                Ok(UpdateOutcome::Updated(stored))
+                .boxed()
+            })
+            .await;
+        match outcome {
+            // Other writers kept winning this ticket: what a version mismatch answers too (the
+            // API re-reads the ticket and checks again), not a failure of the database.
+            Err(StoreError::Backend { source, .. }) if source.is::<Contended>() => {
+                Ok(UpdateOutcome::Conflict)
             }
-            .boxed()
-        })
-        .await
+            other => other,
+        }
     }
 
     async fn claim_fresh(
@@ -995,31 +1029,47 @@ impl Store for MongoStore {
             return Ok(Vec::new());
         }
         let now = to_bson_date(now_ms());
-        // Candidates: one range over `events_due`, covered (only `_id` is read).
-        let candidates: Vec<ObjectId> = self
-            .find_docs(
-                "claim_due",
-                &self.events,
-                doc! {"lockedUntil": {"$lte": now}},
-                Some(doc! {"lockedUntil": 1, "_id": 1}),
-                Some(limit),
-                Some(doc! {"_id": 1}),
-            )
-            .await?
-            .iter()
-            .filter_map(|d| d.get_object_id("_id").ok())
-            .collect();
-        if candidates.is_empty() {
-            return Ok(Vec::new());
+        let mut claimed = Vec::with_capacity(limit);
+        // Sweep lanes claim side by side and read the same first candidates; each document goes
+        // to one of them, so a round can come back short while more is due. Another round then
+        // reads past what was taken (claimed events are no longer due): a claim is short only
+        // when fewer events were due, as the contract says (SQLite's single writer gets that
+        // for free). Bounded, so a claim under heavy contention still returns.
+        for _ in 0..CLAIM_ROUNDS {
+            let want = limit - claimed.len();
+            // Candidates: one range over `events_due`, covered (only `_id` is read).
+            let candidates: Vec<ObjectId> = self
+                .find_docs(
+                    "claim_due",
+                    &self.events,
+                    doc! {"lockedUntil": {"$lte": now}},
+                    Some(doc! {"lockedUntil": 1, "_id": 1}),
+                    Some(want),
+                    Some(doc! {"_id": 1}),
+                )
+                .await?
+                .iter()
+                .filter_map(|d| d.get_object_id("_id").ok())
+                .collect();
+            let fewer_due = candidates.len() < want;
+            if candidates.is_empty() {
+                break;
+            }
+            // Re-checked per document: a candidate another sweeper took meanwhile is not due.
+            claimed.extend(
+                self.claim_ids(
+                    "claim_due",
+                    &candidates,
+                    doc! {"lockedUntil": {"$lte": now}},
+                    lease,
+                )
+                .await?,
+            );
+            if fewer_due || claimed.len() >= limit {
+                break;
+            }
         }
-        // Re-checked per document: a candidate another sweeper took meanwhile is not due now.
-        self.claim_ids(
-            "claim_due",
-            &candidates,
-            doc! {"lockedUntil": {"$lte": now}},
-            lease,
-        )
-        .await
+        Ok(claimed)
     }
 
     async fn pending_versions(
@@ -1053,7 +1103,8 @@ impl Store for MongoStore {
                     event_id: EventId::from_object_id(f.oid("_id")?),
                 });
         }
-        // As SQLite answers: per ticket in the order asked, each by version.
+        // Per ticket in the order asked, each by version (SQLite answers in ticket-id order;
+        // the dispatcher sorts what it gets either way).
         Ok(oids
             .iter()
             .flat_map(|a| by_aggregate.get(a).cloned().unwrap_or_default())
@@ -1114,54 +1165,83 @@ impl Store for MongoStore {
             return Ok(Vec::new());
         }
         let ids = object_ids(ids);
-        let now = now_ms();
-        let at = to_bson_date(now);
         let kept = i64::try_from(FAILURES_KEPT).unwrap_or(i64::MAX);
-        // Only events still held under this lease: a late worker changes nothing.
-        self.events
-            .update_many(
-                doc! {"_id": {"$in": &ids}, "lockedBy": &lease.token},
-                doc! {
-                    "$push": {"failures": {"$each": [{"at": at, "error": error}], "$slice": -kept}},
-                    "$inc": {"attempts": 1_i64},
-                    "$set": {"isLocked": false, "lockedBy": Bson::Null, "lockedUntil": at},
-                },
-            )
-            .await
-            .map_err(|e| StoreError::backend("record_failure", e))?;
-        // One "firing" alert per event past the threshold: queued first (idempotent by its
-        // id), then `alertedAt` set under `alertedAt: null`, so exactly one caller reports it.
-        let candidates = self
-            .find_events(
-                "record_failure",
-                doc! {
-                    "_id": {"$in": &ids},
-                    "attempts": {"$gte": alert_threshold},
-                    "alertedAt": Bson::Null,
-                },
-            )
-            .await?;
-        let mut alerted = Vec::new();
-        for mut event in in_order_of(candidates, &ids) {
-            event.alerted_at = Some(now);
-            self.queue_alert(
-                "record_failure",
-                &Alert::new(AlertKind::Firing, event.clone(), now),
-            )
-            .await?;
-            let marked = self
-                .events
-                .update_one(
-                    doc! {"_id": event.id.object_id(), "alertedAt": Bson::Null},
-                    doc! {"$set": {"alertedAt": at}},
-                )
-                .await
-                .map_err(|e| StoreError::backend("record_failure", e))?;
-            if marked.modified_count == 1 {
-                alerted.push(event);
+        let (events, alerts) = (self.events.clone(), self.alerts.clone());
+        let (token, error) = (lease.token.clone(), error.to_owned());
+        // One transaction, as SQLite's one write: no sweeper can take the event between its
+        // unlock and its alert being queued and marked (it would deliver it without queueing
+        // the "resolved" alert), and only events this call held can alert.
+        self.transaction("record_failure", move |s| {
+            let (events, alerts, ids) = (events.clone(), alerts.clone(), ids.clone());
+            let (token, error) = (token.clone(), error.clone());
+            async move {
+                let now = now_ms();
+                let at = to_bson_date(now);
+                // Only events still held under this lease: a late worker changes nothing.
+                let mut cursor = events
+                    .find(doc! {"_id": {"$in": &ids}, "lockedBy": &token})
+                    .projection(doc! {"_id": 1})
+                    .session(&mut *s)
+                    .await?;
+                let mut held = Vec::new();
+                while let Some(d) = cursor.next(&mut *s).await.transpose()? {
+                    held.extend(d.get_object_id("_id").ok());
+                }
+                if held.is_empty() {
+                    return Ok(Vec::new());
+                }
+                events
+                    .update_many(
+                        doc! {"_id": {"$in": &held}, "lockedBy": &token},
+                        doc! {
+                            "$push": {"failures": {"$each": [{"at": at, "error": &error}], "$slice": -kept}},
+                            "$inc": {"attempts": 1_i64},
+                            "$set": {"isLocked": false, "lockedBy": Bson::Null, "lockedUntil": at},
+                        },
+                    )
+                    .session(&mut *s)
+                    .await?;
+                // Those of them that reached the threshold and never alerted, as this
+                // transaction left them: one "firing" alert each, and `alertedAt` set.
+                let mut cursor = events
+                    .find(doc! {
+                        "_id": {"$in": &held},
+                        "attempts": {"$gte": alert_threshold},
+                        "alertedAt": Bson::Null,
+                    })
+                    .session(&mut *s)
+                    .await?;
+                let mut reached = Vec::new();
+                while let Some(d) = cursor.next(&mut *s).await.transpose()? {
+                    reached.push(event_from_doc(&d)?);
+                }
+                let mut alerted = Vec::new();
+                for mut event in in_order_of(reached, &ids) {
+                    event.alerted_at = Some(now);
+                    let alert = Alert::new(AlertKind::Firing, event.clone(), now);
+                    let mut fields = alert_doc(&alert);
+                    fields.remove("_id");
+                    alerts
+                        .update_one(doc! {"_id": &alert.id}, doc! {"$setOnInsert": fields})
+                        .upsert(true)
+                        .session(&mut *s)
+                        .await?;
+                    let marked = events
+                        .update_one(
+                            doc! {"_id": event.id.object_id(), "alertedAt": Bson::Null},
+                            doc! {"$set": {"alertedAt": at}},
+                        )
+                        .session(&mut *s)
+                        .await?;
+                    if marked.modified_count == 1 {
+                        alerted.push(event);
+                    }
+                }
+                Ok(alerted)
             }
-        }
-        Ok(alerted)
+            .boxed()
+        })
+        .await
     }
 
     async fn claim_alerts(&self, limit: usize, lease: &Lease) -> Result<Vec<Alert>, StoreError> {
