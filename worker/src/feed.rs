@@ -21,8 +21,13 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 pub async fn run_change_feed(dispatcher: Arc<Dispatcher>, shutdown: CancellationToken) {
     let store = dispatcher.store().clone();
     let mut backoff = Duration::from_millis(100);
+    // A feed that ended without an error (MongoDB: the collection was dropped or renamed, which
+    // invalidates the stream) would end again at once if resumed from the position saved before
+    // that: the next one starts from now instead. What it skips, the sweep delivers.
+    let mut from_now = false;
     while !shutdown.is_cancelled() {
         let start = match store.load_feed_position().await {
+            Ok(_) if from_now => None,
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %common::store::error_chain(&e), "change feed: cannot load its position");
@@ -50,9 +55,11 @@ pub async fn run_change_feed(dispatcher: Arc<Dispatcher>, shutdown: Cancellation
                 chunk = chunks.next() => chunk,
             };
             let Some(chunk) = chunk else {
-                tracing::warn!("change feed ended; reopening");
+                tracing::warn!("change feed ended; reopening from now (the sweep covers the gap)");
+                from_now = true;
                 break;
             };
+            from_now = false;
             let mut ids = Vec::with_capacity(chunk.len());
             let mut failed = None;
             for item in chunk {
