@@ -464,6 +464,27 @@ impl From<StoreError> for TxnError {
 }
 
 /// 5 ms doubling per attempt, at most 200 ms, with jitter so that conflicting writers drift apart.
+/// Inserts the outbox event of a ticket write, in that write's transaction.
+async fn insert_event(
+    events: &Collection<Document>,
+    session: &mut ClientSession,
+    subject: Subject,
+    stored: &Ticket,
+    fresh_lock: Duration,
+) -> Result<(), TxnError> {
+    let event = OutboxEvent::for_ticket(
+        subject,
+        stored,
+        now_ms(),
+        chrono::Duration::from_std(fresh_lock).unwrap_or_default(),
+    );
+    events
+        .insert_one(event_doc(&event))
+        .session(session)
+        .await?;
+    Ok(())
+}
+
 fn backoff(attempt: u32) -> Duration {
     let base = 5u64.saturating_mul(1 << attempt.min(6)).min(200);
     let jitter = u64::from(Utc::now().timestamp_subsec_nanos()) % (base / 2 + 1);
@@ -891,16 +912,7 @@ impl Store for MongoStore {
             async move {
                 tickets.insert_one(&stored_doc).session(&mut *s).await?;
                 if write_outbox {
-                    let event = OutboxEvent::for_ticket(
-                        Subject::TicketCreated,
-                        &stored,
-                        now_ms(),
-                        chrono::Duration::from_std(fresh_lock).unwrap_or_default(),
-                    );
-                    events
-                        .insert_one(event_doc(&event))
-                        .session(&mut *s)
-                        .await?;
+                    insert_event(&events, s, Subject::TicketCreated, &stored, fresh_lock).await?;
                 }
                 Ok(stored)
             }
@@ -980,15 +992,7 @@ impl Store for MongoStore {
                     // The event is built from the document as this transaction stored it.
                     let stored = ticket_from_doc(&updated)?;
                     if write_outbox {
-                        let event = OutboxEvent::for_ticket(
-                            Subject::TicketUpdated,
-                            &stored,
-                            now_ms(),
-                            chrono::Duration::from_std(fresh_lock).unwrap_or_default(),
-                        );
-                        events
-                            .insert_one(event_doc(&event))
-                            .session(&mut *s)
+                        insert_event(&events, s, Subject::TicketUpdated, &stored, fresh_lock)
                             .await?;
                     }
                     Ok(UpdateOutcome::Updated(stored))
