@@ -13,7 +13,7 @@ pub struct StoreSettings {
     #[arg(long, env = "MONGO_URI", hide_env_values = true)]
     pub mongo_uri: Option<String>,
     /// Lease, in seconds, of an outbox lock: how long a claimed (or newly written) event is
-    /// reserved before another worker may take it.
+    /// reserved before another worker may take it. Shorter than NATS_DUPLICATE_WINDOW_SECS.
     #[arg(long, env = "OUTBOX_LOCK_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub outbox_lock_secs: u64,
 }
@@ -54,7 +54,8 @@ pub struct NatsSettings {
     /// process id. Also the worker's name in outbox locks and in the job queue.
     #[arg(long, env = "NATS_CLIENT_ID")]
     pub nats_client_id: Option<String>,
-    /// How long JetStream drops a re-published event (same `Nats-Msg-Id`), in seconds.
+    /// How long JetStream drops a re-published event (same `Nats-Msg-Id`), in seconds. Longer
+    /// than OUTBOX_LOCK_SECS.
     #[arg(long, env = "NATS_DUPLICATE_WINDOW_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..))]
     pub nats_duplicate_window_secs: u64,
     /// How long a publish waits for JetStream's acknowledgement, in seconds.
@@ -103,6 +104,21 @@ pub struct DeliverySettings {
     /// Events a sweep claims and publishes per step.
     #[arg(long, env = "SWEEP_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=5000))]
     pub sweep_batch_size: u64,
+}
+
+/// A worker whose lease outlives JetStream's duplicate window would turn every crash
+/// mid-publish into a duplicate downstream: the event is published again once the lease
+/// expires, and JetStream drops that copy only within the window. Refused at start.
+pub fn require_lease_within_window(lease: Duration, nats: &NatsSettings) -> anyhow::Result<()> {
+    let window = nats.nats_duplicate_window_secs;
+    anyhow::ensure!(
+        lease.as_secs() < window,
+        "OUTBOX_LOCK_SECS ({}) must be shorter than NATS_DUPLICATE_WINDOW_SECS ({window}): an \
+         event whose worker died mid-publish is published again when its lock expires, and \
+         JetStream drops that copy as a duplicate only within the window",
+        lease.as_secs()
+    );
+    Ok(())
 }
 
 #[derive(Debug, Clone, Args)]

@@ -35,6 +35,43 @@ fn roles_refuse_to_start_without_jwt_key() {
 }
 
 #[test]
+fn delivering_roles_refuse_a_lease_as_long_as_the_duplicate_window() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for role in ["all", "worker"] {
+        let mut child = ticketing(&[role])
+            .env("JWT_KEY", "k")
+            .env("SQLITE_PATH", dir.path().join("t.db"))
+            .env("OUTBOX_LOCK_SECS", "120")
+            .env("NATS_DUPLICATE_WINDOW_SECS", "120")
+            .env("HEALTH_PORT", "0")
+            .env("PORT", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().expect("wait").is_none() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("`ticketing {role}` started instead of refusing the settings");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().expect("output");
+        assert!(!out.status.success(), "{role} must refuse to start");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(
+                "OUTBOX_LOCK_SECS (120) must be shorter than NATS_DUPLICATE_WINDOW_SECS (120)"
+            ),
+            "{role}: {stderr}"
+        );
+    }
+}
+
+#[test]
 fn an_unreachable_mongo_uri_fails_clearly_and_in_bounded_time() {
     let mut child = ticketing(&["api"])
         .env("JWT_KEY", "k")
