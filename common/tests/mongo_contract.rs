@@ -4,20 +4,29 @@
 
 use common::store::contract::CHECKS;
 use common::store::mongo::{MongoOptions, MongoStore, with_database};
+use common::store::{Store, UpdateOutcome};
+use common::{NewTicket, Price, TicketChanges, Title, UserId};
 use std::io::Write;
 use std::time::Duration;
 
 const URI_VAR: &str = "TICKETS_TEST_MONGO_URI";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mongo_store_passes_the_store_contract() {
-    let Some(uri) = std::env::var(URI_VAR).ok().filter(|u| !u.trim().is_empty()) else {
+/// The replica set to test against, or `None` after saying loudly that the test is skipped.
+fn mongo_uri(test: &str) -> Option<String> {
+    let uri = std::env::var(URI_VAR).ok().filter(|u| !u.trim().is_empty());
+    if uri.is_none() {
         // Straight to stderr, past the test harness' capture: a skip must be seen.
         let _ = writeln!(
             std::io::stderr(),
-            "skipped: no MongoDB (set {URI_VAR} to a replica-set URI to run the MongoDB store \
-             contract)"
+            "skipped {test}: no MongoDB (set {URI_VAR} to a replica-set URI to run it)"
         );
+    }
+    uri
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongo_store_passes_the_store_contract() {
+    let Some(uri) = mongo_uri("the MongoDB store contract") else {
         return;
     };
     for (name, check) in CHECKS {
@@ -42,4 +51,55 @@ async fn mongo_store_passes_the_store_contract() {
             .await
             .unwrap_or_else(|e| panic!("{name}: cannot drop {database}: {e}"));
     }
+}
+
+/// A transaction of ours that keeps losing write conflicts (another one holds the ticket,
+/// uncommitted, for longer than our retries last) is a conflict for the caller (the API re-reads
+/// and checks again), not a failure of the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_that_keeps_losing_write_conflicts_answers_conflict() {
+    let Some(uri) = mongo_uri("the MongoDB write-conflict check") else {
+        return;
+    };
+    let database = format!("tickets_test_{}", bson::oid::ObjectId::new().to_hex());
+    let store = MongoStore::open(&with_database(&uri, &database), MongoOptions::default())
+        .await
+        .expect("open");
+    let price = |p: f64| Price::parse(Some(&serde_json::json!(p)), "price").expect("price");
+    let title = |t: &str| Title::parse(Some(&serde_json::json!(t))).expect("title");
+    let ticket = store
+        .create_ticket(&NewTicket {
+            title: title("a"),
+            price: price(1.0),
+            user_id: UserId::parse("u").expect("user"),
+        })
+        .await
+        .expect("create");
+    let db = store.database();
+    let mut held = db.client().start_session().await.expect("session");
+    held.start_transaction().await.expect("start");
+    db.collection::<bson::Document>("tickets")
+        .update_one(
+            bson::doc! {"_id": ticket.id.object_id()},
+            bson::doc! {"$set": {"title": "held"}},
+        )
+        .session(&mut held)
+        .await
+        .expect("held write");
+    let outcome = store
+        .update_ticket(
+            ticket.id,
+            0,
+            &TicketChanges {
+                title: title("b"),
+                price: price(2.0),
+            },
+        )
+        .await;
+    held.abort_transaction().await.expect("abort");
+    assert!(
+        matches!(outcome, Ok(UpdateOutcome::Conflict)),
+        "expected Ok(Conflict), got {outcome:?}"
+    );
+    db.drop().await.expect("drop");
 }

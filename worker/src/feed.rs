@@ -56,6 +56,10 @@ pub async fn run_change_feed(dispatcher: Arc<Dispatcher>, shutdown: Cancellation
             };
             let Some(chunk) = chunk else {
                 tracing::warn!("change feed ended; reopening from now (the sweep covers the gap)");
+                if from_now {
+                    // It ended again before anything arrived: back off.
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
                 from_now = true;
                 break;
             };

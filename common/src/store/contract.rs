@@ -590,7 +590,8 @@ pub async fn a_stale_failure_report_raises_no_alert(store: &dyn Store) {
 }
 
 /// Writers racing on one version: exactly one wins, every other one hears `Conflict` (which the
-/// API answers by re-reading), never an error.
+/// API answers by re-reading), never an error. (A MongoDB transaction that loses a write
+/// conflict on every retry is forced in its own test, `tests/mongo_contract.rs`.)
 pub async fn concurrent_updates_of_one_ticket_answer_updated_or_conflict(store: &dyn Store) {
     let t = store
         .create_ticket(&new_ticket("a", 1.0, "u"))

@@ -192,7 +192,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// The sweep: locks up to `limit` events that are unlocked or whose lock expired, the longest
     /// waiting first. An indexed range, whatever the size of the outbox. Fewer than `limit` only
-    /// when fewer were due, even while other callers claim (a sweep lane stops on a short claim).
+    /// when fewer were due, even while other callers claim (a sweep lane stops on a short claim;
+    /// MongoDB: within a bounded number of rounds, after which the next tick goes on).
     async fn claim_due(&self, limit: usize, lease: &Lease) -> Result<Vec<OutboxEvent>, StoreError>;
 
     /// Every event still in the outbox for these tickets (for the per-ticket order rule).

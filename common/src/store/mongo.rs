@@ -1032,14 +1032,18 @@ impl Store for MongoStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let now = to_bson_date(now_ms());
+        let now = now_ms();
+        // What this claim takes is no longer due once locked until `lease.until`; a lease that
+        // has already run out (only tests make one) would find the same events again.
+        let rounds = if lease.until > now { CLAIM_ROUNDS } else { 1 };
+        let now = to_bson_date(now);
         let mut claimed = Vec::with_capacity(limit);
         // Sweep lanes claim side by side and read the same first candidates; each document goes
         // to one of them, so a round can come back short while more is due. Another round then
         // reads past what was taken (claimed events are no longer due): a claim is short only
         // when fewer events were due, as the contract says (SQLite's single writer gets that
         // for free). Bounded, so a claim under heavy contention still returns.
-        for _ in 0..CLAIM_ROUNDS {
+        for _ in 0..rounds {
             let want = limit - claimed.len();
             // Candidates: one range over `events_due`, covered (only `_id` is read).
             let candidates: Vec<ObjectId> = self
