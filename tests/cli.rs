@@ -38,28 +38,16 @@ fn roles_refuse_to_start_without_jwt_key() {
 fn delivering_roles_refuse_a_lease_as_long_as_the_duplicate_window() {
     let dir = tempfile::tempdir().expect("tmp");
     for role in ["all", "worker"] {
-        let mut child = ticketing(&[role])
+        let mut role_cmd = ticketing(&[role]);
+        role_cmd
             .env("JWT_KEY", "k")
             .env("SQLITE_PATH", dir.path().join("t.db"))
             .env("OUTBOX_LOCK_SECS", "120")
             .env("NATS_DUPLICATE_WINDOW_SECS", "120")
             .env("HEALTH_PORT", "0")
-            .env("PORT", "0")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run");
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while child.try_wait().expect("wait").is_none() {
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("`ticketing {role}` started instead of refusing the settings");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let out = child.wait_with_output().expect("output");
+            .env("PORT", "0");
+        let out = exited_within(&mut role_cmd, Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("`ticketing {role}` started instead of refusing"));
         assert!(!out.status.success(), "{role} must refuse to start");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
@@ -73,34 +61,37 @@ fn delivering_roles_refuse_a_lease_as_long_as_the_duplicate_window() {
 
 #[test]
 fn an_unreachable_mongo_uri_fails_clearly_and_in_bounded_time() {
-    let mut child = ticketing(&["api"])
-        .env("JWT_KEY", "k")
-        .env(
-            "MONGO_URI",
-            "mongodb://127.0.0.1:1/tickets?serverSelectionTimeoutMS=500",
-        )
+    let mut api = ticketing(&["api"]);
+    api.env("JWT_KEY", "k").env(
+        "MONGO_URI",
+        "mongodb://127.0.0.1:1/tickets?serverSelectionTimeoutMS=500",
+    );
+    let out = exited_within(&mut api, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("`ticketing api` with an unreachable MONGO_URI still runs"));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("MONGO_URI"), "{stderr}");
+}
+
+/// Runs `cmd` (no stdin, stderr captured); its output once it has exited, or `None` (and the
+/// process killed) if it still runs after `limit`.
+fn exited_within(cmd: &mut Command, limit: Duration) -> Option<std::process::Output> {
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("run");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
+    let deadline = std::time::Instant::now() + limit;
+    while child.try_wait().expect("wait").is_none() {
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("`ticketing api` with an unreachable MONGO_URI still runs after 20 s");
+            return None;
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(!status.success());
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("read stderr");
-    assert!(stderr.contains("MONGO_URI"), "{stderr}");
+    }
+    Some(child.wait_with_output().expect("output"))
 }
 
 #[test]
