@@ -46,9 +46,9 @@ use std::time::{Duration, Instant};
 
 const DEFAULT_DATABASE: &str = "tickets";
 const FEED_NAME: &str = "change-feed";
-/// Attempts of one ticket transaction (and, separately, of its commit) before giving up.
+/// Attempts of one transaction (and, separately, of its commit) before giving up.
 const TXN_ATTEMPTS: u32 = 5;
-/// Time budget of one ticket transaction, retries included: an HTTP request is waiting.
+/// Time budget of one transaction, retries included: an HTTP request (or a worker) is waiting.
 const TXN_BUDGET: Duration = Duration::from_secs(10);
 /// Rounds of one `claim_due` while concurrent claimers keep taking its candidates.
 const CLAIM_ROUNDS: usize = 16;
@@ -463,7 +463,6 @@ impl From<StoreError> for TxnError {
     }
 }
 
-/// 5 ms doubling per attempt, at most 200 ms, with jitter so that conflicting writers drift apart.
 /// Inserts the outbox event of a ticket write, in that write's transaction.
 async fn insert_event(
     events: &Collection<Document>,
@@ -485,6 +484,7 @@ async fn insert_event(
     Ok(())
 }
 
+/// 5 ms doubling per attempt, at most 200 ms, with jitter so that conflicting writers drift apart.
 fn backoff(attempt: u32) -> Duration {
     let base = 5u64.saturating_mul(1 << attempt.min(6)).min(200);
     let jitter = u64::from(Utc::now().timestamp_subsec_nanos()) % (base / 2 + 1);
@@ -532,6 +532,17 @@ struct Contended {
 
 fn contended(op: &'static str, attempts: u32, source: mongodb::error::Error) -> StoreError {
     StoreError::backend(op, Contended { attempts, source })
+}
+
+/// Other writers kept winning the ticket: what a version mismatch answers too (the API re-reads
+/// the ticket and checks again), not a failure of the database.
+fn conflict_if_contended(e: StoreError) -> Result<UpdateOutcome, StoreError> {
+    match e {
+        StoreError::Backend { source, .. } if source.is::<Contended>() => {
+            Ok(UpdateOutcome::Conflict)
+        }
+        other => Err(other),
+    }
 }
 
 /// The resume token is no longer usable: it fell off the oplog (286 ChangeStreamHistoryLost;
@@ -964,11 +975,10 @@ impl Store for MongoStore {
         let (write_outbox, fresh_lock) = (self.options.write_outbox, self.options.fresh_lock);
         let (title, price) = (changes.title.as_str().to_owned(), changes.price.value());
         let oid = id.object_id();
-        let outcome = self
-            .transaction("update_ticket", move |s| {
-                let (tickets, events, title) = (tickets.clone(), events.clone(), title.clone());
-                async move {
-                    let updated = tickets
+        self.transaction("update_ticket", move |s| {
+            let (tickets, events, title) = (tickets.clone(), events.clone(), title.clone());
+            async move {
+                let updated = tickets
                     .find_one_and_update(
                         doc! {"_id": oid, "version": expected_version},
                         doc! {"$set": {"title": title, "price": price}, "$inc": {"version": 1_i64}},
@@ -976,38 +986,30 @@ impl Store for MongoStore {
                     .return_document(ReturnDocument::After)
                     .session(&mut *s)
                     .await?;
-                    let Some(updated) = updated else {
-                        let exists = tickets
-                            .find_one(doc! {"_id": oid})
-                            .projection(doc! {"_id": 1})
-                            .session(&mut *s)
-                            .await?
-                            .is_some();
-                        return Ok(if exists {
-                            UpdateOutcome::Conflict
-                        } else {
-                            UpdateOutcome::NotFound
-                        });
-                    };
-                    // The event is built from the document as this transaction stored it.
-                    let stored = ticket_from_doc(&updated)?;
-                    if write_outbox {
-                        insert_event(&events, s, Subject::TicketUpdated, &stored, fresh_lock)
-                            .await?;
-                    }
-                    Ok(UpdateOutcome::Updated(stored))
+                let Some(updated) = updated else {
+                    let exists = tickets
+                        .find_one(doc! {"_id": oid})
+                        .projection(doc! {"_id": 1})
+                        .session(&mut *s)
+                        .await?
+                        .is_some();
+                    return Ok(if exists {
+                        UpdateOutcome::Conflict
+                    } else {
+                        UpdateOutcome::NotFound
+                    });
+                };
+                // The event is built from the document as this transaction stored it.
+                let stored = ticket_from_doc(&updated)?;
+                if write_outbox {
+                    insert_event(&events, s, Subject::TicketUpdated, &stored, fresh_lock).await?;
                 }
-                .boxed()
-            })
-            .await;
-        match outcome {
-            // Other writers kept winning this ticket: what a version mismatch answers too (the
-            // API re-reads the ticket and checks again), not a failure of the database.
-            Err(StoreError::Backend { source, .. }) if source.is::<Contended>() => {
-                Ok(UpdateOutcome::Conflict)
+                Ok(UpdateOutcome::Updated(stored))
             }
-            other => other,
-        }
+            .boxed()
+        })
+        .await
+        .or_else(conflict_if_contended)
     }
 
     async fn claim_fresh(
