@@ -4,7 +4,7 @@
 //! 30 s (the default `OUTBOX_LOCK_SECS`).
 
 use super::{AlertKind, Lease, Page, Store, UpdateOutcome};
-use crate::domain::{NewTicket, Price, Subject, TicketChanges, TicketId, Title, UserId};
+use crate::domain::{EventId, NewTicket, Price, Subject, TicketChanges, TicketId, Title, UserId};
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde_json::json;
@@ -95,6 +95,15 @@ fn expired_lease(who: &str) -> Lease {
     let mut l = Lease::new(who, Duration::ZERO);
     l.until -= chrono::Duration::seconds(1);
     l
+}
+
+/// Creates one ticket in an empty store and returns the id of its (fresh) event.
+async fn one_event(store: &dyn Store) -> EventId {
+    store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    store.list_events(1, None).await.expect("list")[0].id
 }
 
 pub async fn create_writes_ticket_and_fresh_event(store: &dyn Store) {
@@ -199,11 +208,7 @@ pub async fn listing_pages_unreserved_tickets(store: &dyn Store) {
 }
 
 pub async fn fresh_event_is_claimed_once(store: &dyn Store) {
-    store
-        .create_ticket(&new_ticket("a", 1.0, "u"))
-        .await
-        .expect("create");
-    let id = store.list_events(1, None).await.expect("list")[0].id;
+    let id = one_event(store).await;
     let (a, b) = (lease("replica-a"), lease("replica-b"));
     let first = store.claim_fresh(&[id], &a).await.expect("claim");
     let second = store.claim_fresh(&[id], &b).await.expect("claim");
@@ -268,11 +273,7 @@ pub async fn sweep_claims_only_unlocked_or_expired(store: &dyn Store) {
 }
 
 pub async fn failures_unlock_keep_last_ten_and_alert_once(store: &dyn Store) {
-    store
-        .create_ticket(&new_ticket("a", 1.0, "u"))
-        .await
-        .expect("create");
-    let id = store.list_events(1, None).await.expect("list")[0].id;
+    let id = one_event(store).await;
     let first = lease("feed");
     assert_eq!(store.claim_fresh(&[id], &first).await.expect("c").len(), 1);
     let alerted = store
@@ -354,11 +355,7 @@ pub async fn complete_deletes_and_resolves_alerted(store: &dyn Store) {
 }
 
 pub async fn release_needs_the_lease(store: &dyn Store) {
-    store
-        .create_ticket(&new_ticket("a", 1.0, "u"))
-        .await
-        .expect("create");
-    let id = store.list_events(1, None).await.expect("list")[0].id;
+    let id = one_event(store).await;
     let mine = lease("mine");
     store.claim_fresh(&[id], &mine).await.expect("c");
     store.release(&[id], &lease("intruder")).await.expect("r");
@@ -448,11 +445,7 @@ pub async fn change_feed_sees_commits_in_order(store: &dyn Store) {
 }
 
 pub async fn alerts_are_claimed_once(store: &dyn Store) {
-    store
-        .create_ticket(&new_ticket("a", 1.0, "u"))
-        .await
-        .expect("create");
-    let id = store.list_events(1, None).await.expect("list")[0].id;
+    let id = one_event(store).await;
     let l = lease("w");
     store.claim_fresh(&[id], &l).await.expect("c");
     store.record_failure(&[id], &l, "boom", 1).await.expect("f");
@@ -545,11 +538,7 @@ pub async fn concurrent_claims_each_get_a_full_batch_while_enough_are_due(store:
 /// Only the caller still holding an event records its failure, and only such a caller can raise
 /// its alert: not one whose lease was taken over, even when the threshold is already reached.
 pub async fn a_stale_failure_report_raises_no_alert(store: &dyn Store) {
-    store
-        .create_ticket(&new_ticket("a", 1.0, "u"))
-        .await
-        .expect("create");
-    let id = store.list_events(1, None).await.expect("list")[0].id;
+    let id = one_event(store).await;
     let old = lease("old-holder");
     assert_eq!(store.claim_fresh(&[id], &old).await.expect("c").len(), 1);
     let alerted = store
