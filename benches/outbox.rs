@@ -10,7 +10,9 @@
 //!
 //! 1. Create-ticket throughput over HTTP, 64 clients: (a) store only, outbox write disabled,
 //!    (b) the real path (`run_all`: ticket + event in one transaction, the change feed publishing
-//!    concurrently), (c) save then publish to JetStream and await the PubAck before answering.
+//!    concurrently), (c) save then publish to JetStream and await the PubAck before answering,
+//!    (d) save, then hand the event to an in-process publisher and answer at once (no event row):
+//!    the least any delivery costs, so 1d/1a is the ceiling of 1b/1a on this machine.
 //! 2. Commit-to-receipt latency under (b) at 50% of its measured peak, open loop.
 //! 3. Backlog drain by sweeps of 1,000 against raw JetStream publishing of the same messages.
 //! 4. Sweep cost (empty claim, 1,000-event claim) with 1k / 100k / 1M rows waiting.
@@ -36,15 +38,18 @@ use std::collections::HashMap;
 use std::future::IntoFuture;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use stores::{AfterWrite, CommitTimes, Decorated};
+use stores::{AfterWrite, CommitTimes, Decorated, Handed};
 use ticketing::harness::{NatsServer, free_port};
 use ticketing::ops::Probes;
 use ticketing::settings::{DeliverySettings, NatsSettings};
 use ticketing::startup::{Application, SWEEP_BUDGET, run_all};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use worker::feed::{FEED_CHUNK, LOCAL_FEED_CAPACITY};
 use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsConfig};
 
 const JWT_KEY: &str = "bench-secret";
@@ -183,7 +188,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             "\n[1] create-ticket throughput, {CLIENTS} clients (load {})",
             env::load_average()
         );
-        peak_b = Some(scenario_throughput(&plan, &url, &token, &mut rows).await?);
+        peak_b = Some(scenario_throughput(&plan, &nats, &token, &mut rows).await?);
     }
     if plan.runs(2) {
         let peak_b = match (peak_b, plan.latency_rate) {
@@ -198,7 +203,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
                     variants: Some(vec!['b']),
                     ..Plan::new(plan.quick)
                 };
-                scenario_throughput(&single, &url, &token, &mut Vec::new()).await?
+                scenario_throughput(&single, &nats, &token, &mut Vec::new()).await?
             }
         };
         println!(
@@ -308,6 +313,7 @@ enum Variant {
     StoreOnly,
     Outbox,
     Naive,
+    Floor,
 }
 
 impl Variant {
@@ -316,6 +322,7 @@ impl Variant {
             Variant::StoreOnly => 'a',
             Variant::Outbox => 'b',
             Variant::Naive => 'c',
+            Variant::Floor => 'd',
         }
     }
 
@@ -324,6 +331,7 @@ impl Variant {
             Variant::StoreOnly => "1a store only (outbox write off)",
             Variant::Outbox => "1b outbox + change feed (`ticketing all`)",
             Variant::Naive => "1c save, then publish + await PubAck",
+            Variant::Floor => "1d save, then hand to a publisher (no outbox)",
         }
     }
 }
@@ -333,6 +341,8 @@ struct Service {
     store: SqliteStore,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
+    /// 1d: the counts of events handed over, and the publisher that takes them.
+    handed: Option<(Arc<Handed>, JoinHandle<()>)>,
     _dir: tempfile::TempDir,
 }
 
@@ -352,11 +362,20 @@ impl Service {
         )
         .await?;
         let shutdown = CancellationToken::new();
+        let mut handed = None;
         let api_store: Arc<dyn Store> = match (variant, clock) {
             (Variant::Naive, _) => Arc::new(Decorated::new(
                 store.clone(),
                 AfterWrite::Publish(Box::new(jetstream(url).await?)),
             )),
+            (Variant::Floor, _) => {
+                let (tx, rx) = mpsc::channel(LOCAL_FEED_CAPACITY);
+                let counts = Arc::new(Handed::default());
+                let publisher = drain_publisher(url, "bench-floor").await?;
+                let task = tokio::spawn(publish_handed(publisher, rx, counts.clone()));
+                handed = Some((counts.clone(), task));
+                Arc::new(Decorated::new(store.clone(), AfterWrite::Hand(tx, counts)))
+            }
             (_, Some(times)) => Arc::new(Decorated::new(store.clone(), AfterWrite::Clock(times))),
             _ => Arc::new(store.clone()),
         };
@@ -392,8 +411,24 @@ impl Service {
             store,
             shutdown,
             task,
+            handed,
             _dir: dir,
         })
+    }
+
+    /// 1d: polls until JetStream answered every event handed over; returns how long that took.
+    async fn wait_handed_answered(&self, within: Duration) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        if let Some((counts, _)) = &self.handed {
+            while counts.unanswered() > 0 {
+                ensure!(
+                    t.elapsed() < within,
+                    "the handed-over events were not all answered within {within:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        Ok(t.elapsed())
     }
 
     async fn outbox_depth(&self) -> anyhow::Result<u64> {
@@ -419,7 +454,35 @@ impl Service {
             .await
             .context("the service did not stop within 30 s")?
             .context("service task")??;
+        if let Some((counts, publisher)) = self.handed {
+            // The service dropped its store, and with it the sender: the publisher ends.
+            tokio::time::timeout(Duration::from_secs(30), publisher)
+                .await
+                .context("1d's publisher did not stop within 30 s")?
+                .context("1d's publisher task")?;
+            let failed = counts.failed.load(Ordering::Acquire);
+            ensure!(failed == 0, "1d: {failed} publishes failed");
+        }
         Ok(())
+    }
+}
+
+/// 1d's publisher: takes what the store decorator hands over, as the local change feed takes
+/// its events (up to `FEED_CHUNK` at a time, published pipelined with the product's publisher).
+async fn publish_handed(
+    publisher: JetStreamPublisher,
+    mut events: mpsc::Receiver<common::OutboxEvent>,
+    counts: Arc<Handed>,
+) {
+    let mut batch = Vec::with_capacity(FEED_CHUNK);
+    while events.recv_many(&mut batch, FEED_CHUNK).await > 0 {
+        let results = publisher.publish_batch(&batch).await;
+        let acked = results.iter().filter(|r| r.is_ok()).count() as u64;
+        counts.acked.fetch_add(acked, Ordering::AcqRel);
+        counts
+            .failed
+            .fetch_add(results.len() as u64 - acked, Ordering::AcqRel);
+        batch.clear();
     }
 }
 
@@ -444,11 +507,18 @@ async fn wait_listening(addr: SocketAddr, mut exited: impl FnMut() -> bool) -> a
 /// Returns 1b's median throughput (the peak the latency scenario paces against).
 async fn scenario_throughput(
     plan: &Plan,
-    url: &str,
+    nats: &NatsServer,
     token: &str,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<f64> {
-    let all = [Variant::StoreOnly, Variant::Outbox, Variant::Naive];
+    let (url, nats_pid) = (nats.url(), nats.pid());
+    let url = url.as_str();
+    let all = [
+        Variant::StoreOnly,
+        Variant::Outbox,
+        Variant::Naive,
+        Variant::Floor,
+    ];
     // `--variants b` (for profiling one variant): the ratios then print as NaN.
     let variants: Vec<Variant> = all
         .into_iter()
@@ -460,6 +530,10 @@ async fn scenario_throughput(
         .collect();
     let mut runs: HashMap<Variant, Vec<f64>> = HashMap::new();
     let mut client_p99: HashMap<Variant, Vec<f64>> = HashMap::new();
+    // CPU per request (this process and nats-server): steadier than req/s on a shared machine.
+    let mut cpu_us: HashMap<Variant, Vec<f64>> = HashMap::new();
+    // nats-server's share of all CPU in 1d's window (see the "1 bound" row).
+    let mut nats_share_d = Vec::new();
     for round in 0..plan.http_rounds {
         // Rotate the order each round so no variant always runs first (or last).
         for k in 0..variants.len() {
@@ -472,6 +546,7 @@ async fn scenario_throughput(
                 CLIENTS,
                 plan.http_warmup,
                 plan.http_measure,
+                nats_pid,
             )
             .await?;
             let mut extra = String::new();
@@ -480,6 +555,16 @@ async fn scenario_throughput(
                 let drained = service.wait_outbox_empty(Duration::from_secs(60)).await?;
                 extra = format!(
                     "; outbox when the load stopped: {left} events, empty {:.0} ms later",
+                    drained.as_secs_f64() * 1e3
+                );
+            }
+            if let Some((counts, _)) = &service.handed {
+                let left = counts.unanswered();
+                let drained = service
+                    .wait_handed_answered(Duration::from_secs(60))
+                    .await?;
+                extra = format!(
+                    "; unacked when the load stopped: {left} events, none {:.0} ms later",
                     drained.as_secs_f64() * 1e3
                 );
             }
@@ -498,17 +583,37 @@ async fn scenario_throughput(
                 t.p50_ms,
                 t.p99_ms
             );
+            if let (Some(us), Some(cpu)) = (t.cpu_us_per_request(), &t.cpu) {
+                println!(
+                    "          CPU per request {us:.1} us (this process {:.1}, nats-server {:.1}); \
+                     machine {:.0} % busy, {:.1} % stolen",
+                    cpu.ours / t.created.max(1) as f64 * 1e6,
+                    cpu.nats / t.created.max(1) as f64 * 1e6,
+                    cpu.busy * 100.0,
+                    cpu.steal * 100.0
+                );
+                cpu_us.entry(variant).or_default().push(us);
+                if variant == Variant::Floor {
+                    nats_share_d.push(cpu.nats / (cpu.ours + cpu.nats));
+                }
+            }
             runs.entry(variant).or_default().push(t.rps());
             client_p99.entry(variant).or_default().push(t.p99_ms);
         }
     }
     let rates = |v: Variant| runs.get(&v).cloned().unwrap_or_default();
-    let (ra, rb, rc) = (
+    let (ra, rb, rc, rd) = (
         rates(Variant::StoreOnly),
         rates(Variant::Outbox),
         rates(Variant::Naive),
+        rates(Variant::Floor),
     );
-    let (a, b, c) = (load::median(&ra), load::median(&rb), load::median(&rc));
+    let (a, b, c, d) = (
+        load::median(&ra),
+        load::median(&rb),
+        load::median(&rc),
+        load::median(&rd),
+    );
     // Ratios are taken within each round (the three variants ran back to back) and then the
     // median over rounds: slow drifts of the machine's load cancel within a round.
     let paired = |x: &[f64], y: &[f64]| {
@@ -516,6 +621,7 @@ async fn scenario_throughput(
         load::median(&r)
     };
     let (ba, ca, bc) = (paired(&rb, &ra), paired(&rc, &ra), paired(&rb, &rc));
+    let (da, bd) = (paired(&rd, &ra), paired(&rb, &rd));
     let per_round = |x: &[f64], y: &[f64]| {
         x.iter()
             .zip(y)
@@ -524,9 +630,11 @@ async fn scenario_throughput(
             .join(" ")
     };
     println!(
-        "  per-round ratios: 1b/1a {}; 1b/1c {}",
+        "  per-round ratios: 1b/1a {}; 1b/1c {}; 1d/1a {}; 1b/1d {}",
         per_round(&rb, &ra),
-        per_round(&rb, &rc)
+        per_round(&rb, &rc),
+        per_round(&rd, &ra),
+        per_round(&rb, &rd)
     );
     let rounds = if plan.http_rounds > 1 {
         format!(" (median of {} rounds)", plan.http_rounds)
@@ -568,6 +676,71 @@ async fn scenario_throughput(
         ratio: format!("{bc:.2}"),
         target: ">= 1.00".into(),
         verdict: verdict(bc >= 1.0),
+    });
+    rows.push(Row {
+        id: "1d".into(),
+        what: format!(
+            "{}, req/s{rounds}: the ceiling of 1b/1a here",
+            Variant::Floor.label()
+        ),
+        measured: format!("{d:.0}"),
+        baseline: format!("1a: {a:.0}"),
+        ratio: format!("{da:.2}"),
+        target: "-".into(),
+        verdict: "-",
+    });
+    // When every variant is CPU-bound, req/s goes as 1 / (CPU per request): the same ratios,
+    // from the CPU each request cost rather than from how much CPU the machine had to give.
+    let cpu = |v: Variant| cpu_us.get(&v).cloned().unwrap_or_default();
+    let (ua, ub, ud) = (
+        cpu(Variant::StoreOnly),
+        cpu(Variant::Outbox),
+        cpu(Variant::Floor),
+    );
+    let (cpu_ba, cpu_da) = (paired(&ua, &ub), paired(&ua, &ud));
+    println!(
+        "  per-round CPU ratios: 1a/1b {}; 1a/1d {}; nats-server's share of 1d's CPU {}",
+        per_round(&ua, &ub),
+        per_round(&ua, &ud),
+        nats_share_d
+            .iter()
+            .map(|s| format!("{:.1} %", s * 100.0))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    rows.push(Row {
+        id: "1 CPU".into(),
+        what: "CPU per request (this process + nats-server), us: 1a / 1b / 1d".into(),
+        measured: format!("{:.1} / {:.1}", load::median(&ub), load::median(&ud)),
+        baseline: format!("1a: {:.1}", load::median(&ua)),
+        ratio: format!("1a/1b {cpu_ba:.2}, 1a/1d {cpu_da:.2}"),
+        target: "-".into(),
+        verdict: "-",
+    });
+    // A bound that holds whatever the machine's speed in a window (both figures come from the
+    // same one): 1d does all of 1a's work plus publishing, so its CPU in this process is at
+    // least 1a's. Even an outbox costing nothing in this process would then reach at most
+    // 1a / (1a + nats) <= 1d / (1d + nats) = 1 - nats-server's share of 1d's CPU.
+    let bound = 1.0 - load::median(&nats_share_d);
+    rows.push(Row {
+        id: "1 bound".into(),
+        what:
+            "1b/1a if the outbox cost nothing in this process: 1 - nats-server's share of 1d's CPU"
+                .into(),
+        measured: format!("{:.1} % of 1d's CPU", (1.0 - bound) * 100.0),
+        baseline: "(same window)".into(),
+        ratio: format!("<= {bound:.2}"),
+        target: "-".into(),
+        verdict: "-",
+    });
+    rows.push(Row {
+        id: "1b/1d".into(),
+        what: "outbox path versus the same publishing with no event row".into(),
+        measured: format!("1b: {b:.0}"),
+        baseline: format!("1d: {d:.0}"),
+        ratio: format!("{bd:.2}"),
+        target: "-".into(),
+        verdict: "-",
     });
     Ok(b)
 }
@@ -815,6 +988,27 @@ async fn raw_batches(js: &jetstream::Context, msgs: &[seed::Message]) -> anyhow:
     Ok(t.elapsed())
 }
 
+/// The product's publisher, connected, with its stream ready.
+async fn drain_publisher(url: &str, name: &str) -> anyhow::Result<JetStreamPublisher> {
+    let publisher = JetStreamPublisher::connect(NatsConfig {
+        url: url.to_owned(),
+        stream: STREAM.to_owned(),
+        client_name: name.to_owned(),
+        duplicate_window: Duration::from_secs(120),
+        ack_timeout: Duration::from_secs(5),
+    })
+    .await?;
+    ensure!(
+        publisher.wait_connected(Duration::from_secs(10)).await,
+        "publisher did not connect"
+    );
+    publisher
+        .ensure_stream()
+        .await
+        .map_err(anyhow::Error::msg)?;
+    Ok(publisher)
+}
+
 /// Raw publishing with a sliding window of `BATCH` acks in flight (for reference).
 async fn raw_window(js: &jetstream::Context, msgs: &[seed::Message]) -> anyhow::Result<Duration> {
     let t = Instant::now();
@@ -864,24 +1058,7 @@ async fn scenario_drain(plan: &Plan, url: &str, rows: &mut Vec<Row>) -> anyhow::
 
     // The drain: NATS is back, sweeps of 1,000 (RetryPublishingNATSEvents) until `events` is empty.
     reset_stream(url).await?;
-    let publisher = Arc::new(
-        JetStreamPublisher::connect(NatsConfig {
-            url: url.to_owned(),
-            stream: STREAM.to_owned(),
-            client_name: "bench-drain".to_owned(),
-            duplicate_window: Duration::from_secs(120),
-            ack_timeout: Duration::from_secs(5),
-        })
-        .await?,
-    );
-    ensure!(
-        publisher.wait_connected(Duration::from_secs(10)).await,
-        "publisher did not connect"
-    );
-    publisher
-        .ensure_stream()
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let publisher = Arc::new(drain_publisher(url, "bench-drain").await?);
     let dispatcher = Dispatcher::new(
         Arc::new(store.clone()),
         publisher,

@@ -131,6 +131,11 @@ impl NatsServer {
         format!("nats://127.0.0.1:{}", self.server.port)
     }
 
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.child.as_ref().map(Child::id)
+    }
+
     pub fn stop(&mut self) {
         self.server.stop();
     }

@@ -67,6 +67,42 @@ pub fn load_average() -> String {
         .unwrap_or_else(|| "?".to_owned())
 }
 
+/// Clock ticks per second of `/proc`'s CPU times (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        first_line_of("getconf", &["CLK_TCK"])
+            .trim()
+            .parse()
+            .unwrap_or(100.0)
+    })
+}
+
+/// CPU time (user + system) a process has used so far, in seconds: `pid` or `"self"`.
+pub fn cpu_secs(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: count fields after it. utime and
+    // stime are fields 14 and 15 of proc(5); the first after the name is field 3.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    Some((ticks(11)? + ticks(12)?) as f64 / clock_ticks())
+}
+
+/// The machine's CPU time so far, from `/proc/stat`, in clock ticks: (all, idle + iowait, steal).
+pub fn machine_ticks() -> Option<(u64, u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let at = |i: usize| cpu.get(i).copied().unwrap_or(0);
+    Some((cpu.iter().sum(), at(3) + at(4), at(7)))
+}
+
 /// `VmHWM` and `VmRSS` of a process, in KiB.
 pub fn memory_kib(pid: u32) -> Option<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

@@ -28,11 +28,61 @@ pub struct Throughput {
     pub secs: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// CPU used over the measurement window.
+    pub cpu: Option<CpuUse>,
 }
 
 impl Throughput {
     pub fn rps(&self) -> f64 {
         self.created as f64 / self.secs
+    }
+
+    /// CPU time per created ticket (this process and the NATS server), in microseconds.
+    pub fn cpu_us_per_request(&self) -> Option<f64> {
+        let cpu = self.cpu.as_ref()?;
+        Some((cpu.ours + cpu.nats) / self.created.max(1) as f64 * 1e6)
+    }
+}
+
+/// CPU time over a measurement window: this process (service and load generator), the NATS
+/// server, and the machine's busy and stolen shares.
+#[derive(Debug, Clone)]
+pub struct CpuUse {
+    pub ours: f64,
+    pub nats: f64,
+    pub busy: f64,
+    pub steal: f64,
+}
+
+struct CpuSample {
+    ours: f64,
+    nats: f64,
+    machine: (u64, u64, u64),
+}
+
+impl CpuSample {
+    fn take(nats_pid: Option<u32>) -> Option<Self> {
+        let nats = match nats_pid {
+            Some(pid) => super::env::cpu_secs(&pid.to_string())?,
+            None => 0.0,
+        };
+        Some(Self {
+            ours: super::env::cpu_secs("self")?,
+            nats,
+            machine: super::env::machine_ticks()?,
+        })
+    }
+
+    fn until(&self, later: &Self) -> CpuUse {
+        let all = later.machine.0.saturating_sub(self.machine.0).max(1) as f64;
+        let idle = later.machine.1.saturating_sub(self.machine.1) as f64;
+        let steal = later.machine.2.saturating_sub(self.machine.2) as f64;
+        CpuUse {
+            ours: later.ours - self.ours,
+            nats: later.nats - self.nats,
+            busy: 1.0 - idle / all,
+            steal: steal / all,
+        }
     }
 }
 
@@ -44,11 +94,20 @@ pub async fn closed_loop(
     clients: usize,
     warmup: Duration,
     measure: Duration,
+    nats_pid: Option<u32>,
 ) -> anyhow::Result<Throughput> {
     let http = client(clients)?;
     let url = format!("http://{addr}/api/tickets");
     let from = Instant::now() + warmup;
     let until = from + measure;
+    // CPU times at the edges of the measurement window.
+    let cpu = tokio::spawn(async move {
+        tokio::time::sleep_until(from.into()).await;
+        let start = CpuSample::take(nats_pid);
+        tokio::time::sleep_until(until.into()).await;
+        let end = CpuSample::take(nats_pid);
+        Some(start?.until(&end?))
+    });
     let mut tasks = Vec::with_capacity(clients);
     for _ in 0..clients {
         let (http, url, token) = (http.clone(), url.clone(), token.to_owned());
@@ -101,6 +160,7 @@ pub async fn closed_loop(
         secs: measure.as_secs_f64(),
         p50_ms: percentile(&mut ms, 50.0),
         p99_ms: percentile(&mut ms, 99.0),
+        cpu: cpu.await.context("CPU sampler")?,
     })
 }
 

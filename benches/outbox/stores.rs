@@ -4,6 +4,9 @@
 //!   event straight to JetStream and await its PubAck before the HTTP answer.
 //! - `Clock`: records the instant each ticket's transaction committed (the inner call returned),
 //!   for the commit-to-PubAck latency scenario.
+//! - `Hand`: hands the event to an in-process publisher and answers at once: no event row, no
+//!   claim, no delete, nothing awaited. The least any delivery can cost (and one that loses the
+//!   event in a crash): the ceiling of the outbox path on this machine.
 
 use async_nats::jetstream;
 use common::store::{
@@ -14,8 +17,10 @@ use common::{
     EventId, NewTicket, OutboxEvent, Store, StoreError, Subject, Ticket, TicketChanges, TicketId,
 };
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use tokio::sync::mpsc;
 
 /// Commit instants by ticket id.
 pub type CommitTimes = Arc<Mutex<HashMap<TicketId, Instant>>>;
@@ -25,6 +30,24 @@ pub enum AfterWrite {
     Publish(Box<jetstream::Context>),
     /// Remember when the write committed.
     Clock(CommitTimes),
+    /// Hand the event to an in-process publisher (waiting only while its channel is full).
+    Hand(mpsc::Sender<OutboxEvent>, Arc<Handed>),
+}
+
+/// Counts of events handed to a publisher by `AfterWrite::Hand` and of those it got a PubAck for.
+#[derive(Default)]
+pub struct Handed {
+    pub handed: AtomicU64,
+    pub acked: AtomicU64,
+    pub failed: AtomicU64,
+}
+
+impl Handed {
+    /// Events handed over and not yet answered by JetStream (acked or failed).
+    pub fn unanswered(&self) -> u64 {
+        let answered = self.acked.load(Ordering::Acquire) + self.failed.load(Ordering::Acquire);
+        self.handed.load(Ordering::Acquire).saturating_sub(answered)
+    }
 }
 
 pub struct Decorated {
@@ -59,6 +82,19 @@ impl Decorated {
                     .await
                     .map_err(|e| StoreError::backend("publish", e))?;
                 Ok(())
+            }
+            AfterWrite::Hand(events, counts) => {
+                let event = OutboxEvent::for_ticket(
+                    subject,
+                    ticket,
+                    chrono::Utc::now(),
+                    chrono::Duration::seconds(30),
+                );
+                counts.handed.fetch_add(1, Ordering::AcqRel);
+                events
+                    .send(event)
+                    .await
+                    .map_err(|e| StoreError::backend("hand over", e))
             }
         }
     }
