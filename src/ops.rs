@@ -113,9 +113,9 @@ impl Probes {
     }
 
     /// Refreshes the outbox gauges: counts and the oldest event. Cheap while the outbox is
-    /// near empty; during an outage the unlocked and past-threshold counts read every waiting
-    /// event (MongoDB: its `events_due` index entries; the past-threshold count has no index).
-    /// Bounded by `CHECK_TIMEOUT`.
+    /// near empty; during an outage the unlocked and past-threshold counts read an index entry
+    /// of every waiting event (`events_due`, and the partial `events_failing` that holds only
+    /// events that failed), never the events themselves. Bounded by `CHECK_TIMEOUT`.
     async fn refresh_gauges(&self) {
         let Some(store) = &self.store else { return };
         match tokio::time::timeout(CHECK_TIMEOUT, store.outbox_stats(self.alert_threshold)).await {

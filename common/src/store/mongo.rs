@@ -165,17 +165,19 @@ impl MongoStore {
     }
 
     async fn create_indexes(&self) -> Result<(), StoreError> {
-        let index = |name: &str, keys: Document, unique: bool| {
+        let model = |name: &str, keys: Document, unique: bool, partial: Option<Document>| {
             IndexModel::builder()
                 .keys(keys)
                 .options(
                     IndexOptions::builder()
                         .name(name.to_owned())
                         .unique(unique.then_some(true))
+                        .partial_filter_expression(partial)
                         .build(),
                 )
                 .build()
         };
+        let index = |name: &str, keys: Document, unique: bool| model(name, keys, unique, None);
         let err = |e| StoreError::backend("open: create indexes", e);
         self.events
             .create_indexes([
@@ -190,6 +192,24 @@ impl MongoStore {
                 ),
                 // Operators: oldest first (`list_events`, `outbox_stats`) without a scan.
                 index("events_created", doc! {"createdAt": 1, "_id": 1}, false),
+                // Partial indexes hold only the rare events they are for, so the happy path
+                // (insert, deliver, delete) never writes them. Events that alerted: a delivery
+                // finds the ones that need a "resolved" alert without reading the others (an
+                // empty index wins the planner's trial at once).
+                model(
+                    "events_alerted",
+                    doc! {"alertedAt": 1},
+                    false,
+                    Some(doc! {"alertedAt": {"$type": "date"}}),
+                ),
+                // Events that failed at least once: the past-threshold gauge (`attempts >= t`,
+                // t >= 1) counts index keys instead of reading every waiting document.
+                model(
+                    "events_failing",
+                    doc! {"attempts": 1},
+                    false,
+                    Some(doc! {"attempts": {"$gt": 0_i64}}),
+                ),
             ])
             .await
             .map_err(err)?;
@@ -1132,7 +1152,8 @@ impl Store for MongoStore {
         let alerted = self
             .find_events(
                 "complete",
-                doc! {"_id": {"$in": &ids}, "alertedAt": {"$ne": Bson::Null}},
+                // `$type: date` (alertedAt is a date or null) matches `events_alerted`'s filter.
+                doc! {"_id": {"$in": &ids}, "alertedAt": {"$type": "date"}},
             )
             .await?;
         for event in alerted {
