@@ -5,8 +5,8 @@
 //! - `Clock`: records the instant each ticket's transaction committed (the inner call returned),
 //!   for the commit-to-PubAck latency scenario.
 //! - `Hand`: hands the event to an in-process publisher and answers at once: no event row, no
-//!   claim, no delete, nothing awaited. The least any delivery can cost (and one that loses the
-//!   event in a crash): the ceiling of the outbox path on this machine.
+//!   claim, no delete, nothing awaited. The least a delivery with the product's publisher can
+//!   cost (and one that loses the event in a crash): where the outbox path tops out here.
 
 use async_nats::jetstream;
 use common::store::{
