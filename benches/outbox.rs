@@ -691,8 +691,8 @@ async fn scenario_throughput(
         target: "-".into(),
         verdict: "-",
     });
-    // When every variant is CPU-bound, req/s goes as 1 / (CPU per request): the same ratios,
-    // from the CPU each request cost rather than from how much CPU the machine had to give.
+    // Where the cores are kept busy, req/s goes as 1 / (CPU per request): the same ratios from
+    // the CPU each request cost, whatever share of the machine a variant got (printed per round).
     let cpu = |v: Variant| cpu_us.get(&v).cloned().unwrap_or_default();
     let (ua, ub, ud) = (
         cpu(Variant::StoreOnly),
