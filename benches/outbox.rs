@@ -371,7 +371,7 @@ impl Service {
             (Variant::Floor, _) => {
                 let (tx, rx) = mpsc::channel(LOCAL_FEED_CAPACITY);
                 let counts = Arc::new(Handed::default());
-                let publisher = drain_publisher(url, "bench-floor").await?;
+                let publisher = ready_publisher(url, "bench-floor").await?;
                 let task = tokio::spawn(publish_handed(publisher, rx, counts.clone()));
                 handed = Some((counts.clone(), task));
                 Arc::new(Decorated::new(store.clone(), AfterWrite::Hand(tx, counts)))
@@ -418,17 +418,15 @@ impl Service {
 
     /// 1d: polls until JetStream answered every event handed over; returns how long that took.
     async fn wait_handed_answered(&self, within: Duration) -> anyhow::Result<Duration> {
-        let t = Instant::now();
-        if let Some((counts, _)) = &self.handed {
-            while counts.unanswered() > 0 {
-                ensure!(
-                    t.elapsed() < within,
-                    "the handed-over events were not all answered within {within:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-        Ok(t.elapsed())
+        let Some((counts, _)) = &self.handed else {
+            return Ok(Duration::ZERO);
+        };
+        wait_none_left(
+            within,
+            "the handed-over events were not all answered",
+            || async { Ok(counts.unanswered()) },
+        )
+        .await
     }
 
     async fn outbox_depth(&self) -> anyhow::Result<u64> {
@@ -437,15 +435,7 @@ impl Service {
 
     /// Polls until the outbox is empty; returns how long that took.
     async fn wait_outbox_empty(&self, within: Duration) -> anyhow::Result<Duration> {
-        let t = Instant::now();
-        while self.outbox_depth().await? > 0 {
-            ensure!(
-                t.elapsed() < within,
-                "the outbox did not drain within {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Ok(t.elapsed())
+        wait_none_left(within, "the outbox did not drain", || self.outbox_depth()).await
     }
 
     async fn stop(self) -> anyhow::Result<()> {
@@ -465,6 +455,25 @@ impl Service {
         }
         Ok(())
     }
+}
+
+/// Polls `left` every 10 ms until it reports 0; returns how long that took, or `what` if not
+/// within `within`.
+async fn wait_none_left<F, Fut>(
+    within: Duration,
+    what: &str,
+    mut left: F,
+) -> anyhow::Result<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<u64>>,
+{
+    let t = Instant::now();
+    while left().await? > 0 {
+        ensure!(t.elapsed() < within, "{what} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(t.elapsed())
 }
 
 /// 1d's publisher: takes what the store decorator hands over, as the local change feed takes
@@ -532,9 +541,8 @@ async fn scenario_throughput(
     let mut client_p99: HashMap<Variant, Vec<f64>> = HashMap::new();
     // CPU per request (this process and nats-server): steadier than req/s on a shared machine.
     let mut cpu_us: HashMap<Variant, Vec<f64>> = HashMap::new();
-    // nats-server's share of all CPU in 1d's window (see the "1 bound" row).
-    let mut nats_share_d = Vec::new();
-    let mut busy: HashMap<Variant, Vec<f64>> = HashMap::new();
+    // Each window's CPU use, for the "1 NATS" row.
+    let mut windows: HashMap<Variant, Vec<load::CpuUse>> = HashMap::new();
     for round in 0..plan.http_rounds {
         // Rotate the order each round so no variant always runs first (or last).
         for k in 0..variants.len() {
@@ -594,10 +602,7 @@ async fn scenario_throughput(
                     cpu.steal * 100.0
                 );
                 cpu_us.entry(variant).or_default().push(us);
-                busy.entry(variant).or_default().push(cpu.busy);
-                if variant == Variant::Floor {
-                    nats_share_d.push(cpu.nats / (cpu.ours + cpu.nats));
-                }
+                windows.entry(variant).or_default().push(cpu.clone());
             }
             runs.entry(variant).or_default().push(t.rps());
             client_p99.entry(variant).or_default().push(t.p99_ms);
@@ -616,7 +621,7 @@ async fn scenario_throughput(
         load::median(&rc),
         load::median(&rd),
     );
-    // Ratios are taken within each round (the three variants ran back to back) and then the
+    // Ratios are taken within each round (the variants ran back to back) and then the
     // median over rounds: slow drifts of the machine's load cancel within a round.
     let paired = |x: &[f64], y: &[f64]| {
         let r: Vec<f64> = x.iter().zip(y).map(|(x, y)| x / y).collect();
@@ -700,6 +705,12 @@ async fn scenario_throughput(
         cpu(Variant::Floor),
     );
     let (cpu_ba, cpu_da) = (paired(&ua, &ub), paired(&ua, &ud));
+    let of_windows = |v: Variant, f: fn(&load::CpuUse) -> f64| -> Vec<f64> {
+        windows
+            .get(&v)
+            .map_or_else(Vec::new, |w| w.iter().map(f).collect())
+    };
+    let nats_share_d = of_windows(Variant::Floor, |c| c.nats / (c.ours + c.nats));
     println!(
         "  per-round CPU ratios: 1a/1b {}; 1a/1d {}; nats-server's share of 1d's CPU {}",
         per_round(&ua, &ub),
@@ -725,7 +736,7 @@ async fn scenario_throughput(
     // 1a leaves some idle (printed beside it), which 1b's extra work can use, so it is a
     // share, not a hard bound.
     let share = load::median(&nats_share_d);
-    let busy_a = load::median(&busy.get(&Variant::StoreOnly).cloned().unwrap_or_default());
+    let busy_a = load::median(&of_windows(Variant::StoreOnly, |c| c.busy));
     rows.push(Row {
         id: "1 NATS".into(),
         what: "nats-server's share of 1d's CPU (same window); 1a's machine busy share".into(),
@@ -990,8 +1001,8 @@ async fn raw_batches(js: &jetstream::Context, msgs: &[seed::Message]) -> anyhow:
     Ok(t.elapsed())
 }
 
-/// The product's publisher, connected, with its stream ready.
-async fn drain_publisher(url: &str, name: &str) -> anyhow::Result<JetStreamPublisher> {
+/// The product's publisher, connected, with its stream ready (the drain's and 1d's).
+async fn ready_publisher(url: &str, name: &str) -> anyhow::Result<JetStreamPublisher> {
     let publisher = JetStreamPublisher::connect(NatsConfig {
         url: url.to_owned(),
         stream: STREAM.to_owned(),
@@ -1060,7 +1071,7 @@ async fn scenario_drain(plan: &Plan, url: &str, rows: &mut Vec<Row>) -> anyhow::
 
     // The drain: NATS is back, sweeps of 1,000 (RetryPublishingNATSEvents) until `events` is empty.
     reset_stream(url).await?;
-    let publisher = Arc::new(drain_publisher(url, "bench-drain").await?);
+    let publisher = Arc::new(ready_publisher(url, "bench-drain").await?);
     let dispatcher = Dispatcher::new(
         Arc::new(store.clone()),
         publisher,
