@@ -2,6 +2,8 @@
 //! --quick` (CI smoke run: small sizes, no assertion on speed). `-- --only 1,3` runs some of the
 //! scenarios, `-- --only 1 --variants b` one variant of scenario 1 (to profile it), and
 //! `-- --only 2 --latency-rate 7200` scenario 2 at a given rate instead of half of 1b's peak.
+//! `-- --windows` prints the wall-clock edges of scenario 1's measurement windows, which
+//! `benches/profile.py` matches with `perf record` samples (CPU per request by component).
 //!
 //! Starts its own `nats-server -js` (ticketing::harness::NatsServer), runs the service in-process
 //! (and `ticketing all` as a child process for the memory scenario), and prints one table. Every
@@ -75,6 +77,9 @@ struct Plan {
     variants: Option<Vec<char>>,
     /// Scenario 2's request rate, instead of half of 1b's peak (to compare builds at one load).
     latency_rate: Option<f64>,
+    /// `--windows`: print each scenario-1 measurement window's wall-clock edges
+    /// (for benches/profile.py).
+    windows: bool,
 }
 
 impl Plan {
@@ -101,6 +106,7 @@ impl Plan {
                 only: None,
                 variants: None,
                 latency_rate: None,
+                windows: false,
             }
         } else {
             Self {
@@ -118,6 +124,7 @@ impl Plan {
                 only: None,
                 variants: None,
                 latency_rate: None,
+                windows: false,
             }
         }
     }
@@ -156,6 +163,7 @@ fn main() -> anyhow::Result<()> {
     plan.variants = flag_value(&args, "--variants")
         .map(|list| list.chars().filter(char::is_ascii_lowercase).collect());
     plan.latency_rate = flag_value(&args, "--latency-rate").and_then(|r| r.parse().ok());
+    plan.windows = args.iter().any(|a| a == "--windows");
     runtime.block_on(run(plan))
 }
 
@@ -601,6 +609,14 @@ async fn scenario_throughput(
                     cpu.busy * 100.0,
                     cpu.steal * 100.0
                 );
+                if plan.windows {
+                    println!(
+                        "          window 1{} {:.6} {:.6} {us:.3}",
+                        variant.letter(),
+                        cpu.wall.0,
+                        cpu.wall.1
+                    );
+                }
                 cpu_us.entry(variant).or_default().push(us);
                 windows.entry(variant).or_default().push(cpu.clone());
             }

@@ -52,12 +52,16 @@ pub struct CpuUse {
     pub nats: f64,
     pub busy: f64,
     pub steal: f64,
+    /// The window's edges on the wall clock (UNIX seconds), to match it with the samples of
+    /// `perf record -k realtime` (benches/profile.py).
+    pub wall: (f64, f64),
 }
 
 struct CpuSample {
     ours: f64,
     nats: f64,
     machine: (u64, u64, u64),
+    wall: f64,
 }
 
 impl CpuSample {
@@ -70,6 +74,10 @@ impl CpuSample {
             ours: super::env::cpu_secs("self")?,
             nats,
             machine: super::env::machine_ticks()?,
+            wall: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .ok()?
+                .as_secs_f64(),
         })
     }
 
@@ -82,6 +90,7 @@ impl CpuSample {
             nats: later.nats - self.nats,
             busy: 1.0 - idle / all,
             steal: steal / all,
+            wall: (self.wall, later.wall),
         }
     }
 }
