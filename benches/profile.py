@@ -17,6 +17,7 @@ generic code lands under the component of its symbol, or "other".
 
 import bisect
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,11 @@ def main() -> None:
     variants = sys.argv[1:] or ["a", "b", "d"]
     if not all(re.fullmatch(r"[abcd]", v) for v in variants) or len(set(variants)) != len(variants):
         sys.exit("usage: benches/profile.py [a|b|c|d ...] (default: a b d; the first is the base)")
+    if shutil.which("perf") is None:
+        sys.exit("perf is not installed (Debian: apt-get install linux-perf)")
+    paranoid = Path("/proc/sys/kernel/perf_event_paranoid")
+    if paranoid.exists() and int(paranoid.read_text()) > 2:
+        sys.exit(f"perf cannot sample here: {paranoid} is {paranoid.read_text().strip()} (needs <= 2)")
     root = Path(__file__).resolve().parent.parent
     binary = bench_binary(root)
     with tempfile.TemporaryDirectory() as tmp:
