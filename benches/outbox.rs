@@ -54,6 +54,9 @@ use tokio_util::sync::CancellationToken;
 use worker::feed::{FEED_CHUNK, LOCAL_FEED_CAPACITY};
 use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsConfig};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const JWT_KEY: &str = "bench-secret";
 const STREAM: &str = "ticketing";
 const CLIENTS: usize = 64;
