@@ -24,6 +24,8 @@ RUN cargo chef prepare --recipe-path recipe.json
 
 FROM chef AS builder
 COPY --from=planner /app/recipe.json recipe.json
+# SQLite's compile-time options (LIBSQLITE3_FLAGS): the cooked dependencies must see them too.
+COPY .cargo/ .cargo/
 # Dependencies only: cached as long as the recipe (manifests + lock file) is unchanged.
 RUN cargo chef cook --release --locked --recipe-path recipe.json --bin ticketing
 # The sources (common/migrations/*.sql are include_str!'d, so they are needed here).

@@ -915,6 +915,25 @@ mod tests {
         );
     }
 
+    /// `.cargo/config.toml` sets these for the bundled SQLite; a build without them works but
+    /// takes a global mutex on every page fetch and every allocation.
+    #[test]
+    fn the_bundled_sqlite_is_built_without_its_global_mutexes() {
+        let conn = Connection::open_in_memory().expect("open");
+        let options: Vec<String> = conn
+            .prepare("PRAGMA compile_options")
+            .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+            .expect("compile options");
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "{options:?}"
+        );
+        assert!(
+            !options.iter().any(|o| o == "ENABLE_MEMORY_MANAGEMENT"),
+            "{options:?}"
+        );
+    }
+
     #[tokio::test]
     async fn the_past_threshold_gauge_reads_only_the_index_of_failed_events() {
         let (store, dir) = fresh_store().await.expect("store");
