@@ -765,6 +765,34 @@ async fn scenario_throughput(
         target: "-".into(),
         verdict: "-",
     });
+    // req/s = busy share x cores / CPU per request, so 1b/1a = (busy 1b / busy 1a) x (CPU 1a /
+    // CPU 1b). At the busy share 1b reached, 1b/1a >= 0.85 allows 1b this much CPU per request
+    // over 1a; nats-server's own work for 1b's events comes out of it, and what is left is all
+    // the outbox may cost in this process (the event row, the hand-over, publishing, the delete).
+    let busy_b = of_windows(Variant::Outbox, |c| c.busy);
+    let nats_share_b = of_windows(Variant::Outbox, |c| c.nats / (c.ours + c.nats));
+    let busy_a_each = of_windows(Variant::StoreOnly, |c| c.busy);
+    let (mut allowed, mut nats_b) = (Vec::new(), Vec::new());
+    for i in 0..ua
+        .len()
+        .min(ub.len())
+        .min(busy_a_each.len())
+        .min(busy_b.len())
+    {
+        allowed.push(ua[i] * (busy_b[i] / busy_a_each[i]) / 0.85 - ua[i]);
+        nats_b.push(ub[i] * nats_share_b[i]);
+    }
+    let left: Vec<f64> = allowed.iter().zip(&nats_b).map(|(a, n)| a - n).collect();
+    rows.push(Row {
+        id: "1 budget".into(),
+        what: "CPU per request 1b may add over 1a for 0.85, at 1b's busy share (median of rounds)"
+            .into(),
+        measured: format!("{:.1} us", load::median(&allowed)),
+        baseline: format!("nats-server in 1b: {:.1} us", load::median(&nats_b)),
+        ratio: format!("left for the outbox: {:.1} us", load::median(&left)),
+        target: "-".into(),
+        verdict: "-",
+    });
     rows.push(Row {
         id: "1b/1d".into(),
         what: "outbox path versus the same publishing with no event row".into(),
