@@ -755,7 +755,8 @@ async fn scenario_throughput(
     // 1a leaves some idle (printed beside it), which 1b's extra work can use, so it is a
     // share, not a hard bound.
     let share = load::median(&nats_share_d);
-    let busy_a = load::median(&of_windows(Variant::StoreOnly, |c| c.busy));
+    let busy_a_each = of_windows(Variant::StoreOnly, |c| c.busy);
+    let busy_a = load::median(&busy_a_each);
     rows.push(Row {
         id: "1 NATS".into(),
         what: "nats-server's share of 1d's CPU (same window); 1a's machine busy share".into(),
@@ -771,17 +772,15 @@ async fn scenario_throughput(
     // the outbox may cost in this process (the event row, the hand-over, publishing, the delete).
     let busy_b = of_windows(Variant::Outbox, |c| c.busy);
     let nats_share_b = of_windows(Variant::Outbox, |c| c.nats / (c.ours + c.nats));
-    let busy_a_each = of_windows(Variant::StoreOnly, |c| c.busy);
-    let (mut allowed, mut nats_b) = (Vec::new(), Vec::new());
-    for i in 0..ua
-        .len()
-        .min(ub.len())
-        .min(busy_a_each.len())
-        .min(busy_b.len())
-    {
-        allowed.push(ua[i] * (busy_b[i] / busy_a_each[i]) / 0.85 - ua[i]);
-        nats_b.push(ub[i] * nats_share_b[i]);
-    }
+    let (allowed, nats_b): (Vec<f64>, Vec<f64>) = ua
+        .iter()
+        .zip(&ub)
+        .zip(busy_a_each.iter().zip(&busy_b))
+        .zip(&nats_share_b)
+        .map(|(((cpu_a, cpu_b), (busy_a, busy_b)), share)| {
+            (cpu_a * (busy_b / busy_a) / 0.85 - cpu_a, cpu_b * share)
+        })
+        .unzip();
     let left: Vec<f64> = allowed.iter().zip(&nats_b).map(|(a, n)| a - n).collect();
     rows.push(Row {
         id: "1 budget".into(),

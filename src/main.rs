@@ -3,9 +3,9 @@
 use clap::Parser;
 use std::process::ExitCode;
 
-/// mimalloc instead of glibc's malloc: memory allocated on one thread and freed on another (a
-/// request's write, freed by the SQLite writer thread; an event, by the publisher) is cheap there,
-/// where glibc locks the allocating thread's arena (see BENCHMARKS.md, "The allocator").
+/// mimalloc instead of glibc's malloc: much of what one thread allocates another frees (a
+/// request's write, freed by the SQLite writer thread; an event, by the publisher), and glibc's
+/// `free` was 15 % of the writer thread's time (see BENCHMARKS.md, "The allocator").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
