@@ -729,7 +729,7 @@ async fn scenario_throughput(
             .get(&v)
             .map_or_else(Vec::new, |w| w.iter().map(f).collect())
     };
-    let nats_share_d = of_windows(Variant::Floor, |c| c.nats / (c.ours + c.nats));
+    let nats_share_d = of_windows(Variant::Floor, load::CpuUse::nats_share);
     println!(
         "  per-round CPU ratios: 1a/1b {}; 1a/1d {}; nats-server's share of 1d's CPU {}",
         per_round(&ua, &ub),
@@ -771,7 +771,7 @@ async fn scenario_throughput(
     // over 1a; nats-server's own work for 1b's events comes out of it, and what is left is all
     // the outbox may cost in this process (the event row, the hand-over, publishing, the delete).
     let busy_b = of_windows(Variant::Outbox, |c| c.busy);
-    let nats_share_b = of_windows(Variant::Outbox, |c| c.nats / (c.ours + c.nats));
+    let nats_share_b = of_windows(Variant::Outbox, load::CpuUse::nats_share);
     let (allowed, nats_b): (Vec<f64>, Vec<f64>) = ua
         .iter()
         .zip(&ub)

@@ -57,6 +57,13 @@ pub struct CpuUse {
     pub wall: (f64, f64),
 }
 
+impl CpuUse {
+    /// nats-server's share of all the CPU spent in the window (this process and nats-server).
+    pub fn nats_share(&self) -> f64 {
+        self.nats / (self.ours + self.nats)
+    }
+}
+
 struct CpuSample {
     ours: f64,
     nats: f64,
