@@ -118,8 +118,8 @@ pub async fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // `{:#}` prints the cause chain: "opening the SQLite store x: unable to open ...".
-            eprintln!("error: {}", telemetry::cause_chain(&e));
+            // The cause chain: "opening the SQLite store x: unable to open ...".
+            eprintln!("error: {}", common::error_chain(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -133,6 +133,7 @@ pub async fn serve_api(args: ApiArgs) -> anyhow::Result<()> {
     let probes = Arc::new(Probes {
         role: "api",
         store: Some(store.clone()),
+        outbox: Some(store.clone()),
         nats: None,
         nats_required: false,
         redis: None,
@@ -157,7 +158,7 @@ pub async fn serve_all(args: AllArgs) -> anyhow::Result<()> {
     crate::startup::run_all(
         addr,
         &jwt_key,
-        store,
+        crate::startup::Stores::of(store),
         &args.delivery,
         schedule,
         args.store.lease(),
@@ -170,7 +171,7 @@ pub async fn serve_worker(args: WorkerArgs) -> anyhow::Result<()> {
     require_lease_within_window(args.store.lease(), &args.delivery.nats)?;
     let store = open_store(&args.store).await?;
     crate::startup::run_worker(
-        store,
+        crate::startup::Stores::of(store),
         &args.delivery,
         args.redis.redis_url,
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.health.health_port)),

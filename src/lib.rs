@@ -1,7 +1,6 @@
 //! The `ticketing` binary's library: command line, start-up of each role, telemetry.
 
 pub mod cli;
-pub mod harness;
 pub mod ops;
 pub mod outbox_cmd;
 pub mod settings;

@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
-use common::Store;
+use common::store::{Health, OutboxAdmin};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
@@ -45,7 +45,9 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// What a role depends on, and which of it readiness requires.
 pub struct Probes {
     pub role: &'static str,
-    pub store: Option<Arc<dyn Store>>,
+    pub store: Option<Arc<dyn Health>>,
+    /// Whose outbox the gauges show (refreshed at each scrape).
+    pub outbox: Option<Arc<dyn OutboxAdmin>>,
     pub nats: Option<Arc<JetStreamPublisher>>,
     /// The API stays ready while NATS is down (taking tickets during an outage is the point of
     /// the outbox); a worker without NATS cannot do its job.
@@ -62,7 +64,7 @@ impl Probes {
         Some(match r {
             Ok(Ok(())) => json!({"status": "up", "kind": store.kind(), "required": true}),
             Ok(Err(e)) => json!({"status": "down", "kind": store.kind(), "required": true,
-                                 "error": common::store::error_chain(&e)}),
+                                 "error": common::error_chain(&e)}),
             Err(_) => {
                 json!({"status": "down", "kind": store.kind(), "required": true, "error": "timed out"})
             }
@@ -117,8 +119,8 @@ impl Probes {
     /// of every waiting event (`events_due`, and the partial `events_failing` that holds only
     /// events that failed), never the events themselves. Bounded by `CHECK_TIMEOUT`.
     async fn refresh_gauges(&self) {
-        let Some(store) = &self.store else { return };
-        match tokio::time::timeout(CHECK_TIMEOUT, store.outbox_stats(self.alert_threshold)).await {
+        let Some(outbox) = &self.outbox else { return };
+        match tokio::time::timeout(CHECK_TIMEOUT, outbox.outbox_stats(self.alert_threshold)).await {
             Ok(Ok(stats)) => {
                 let age = stats
                     .oldest_created_at
@@ -131,7 +133,7 @@ impl Probes {
                     .set(stats.past_alert_threshold as f64);
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %common::store::error_chain(&e), "cannot read outbox stats")
+                tracing::warn!(error = %common::error_chain(&e), "cannot read outbox stats")
             }
             Err(_) => tracing::warn!("outbox stats timed out"),
         }

@@ -4,10 +4,11 @@
 use crate::settings::StoreSettings;
 use crate::startup::open_store;
 use clap::{Args, Subcommand};
-use common::store::OutboxStats;
+use common::store::{OutboxAdmin, OutboxStats};
 use common::{EventId, OutboxEvent};
 use serde_json::json;
 use std::io::Write;
+use std::sync::Arc;
 
 #[derive(Debug, Args)]
 pub struct OutboxArgs {
@@ -75,7 +76,7 @@ fn age_of(e: &OutboxEvent) -> String {
 }
 
 pub async fn run(args: OutboxArgs) -> anyhow::Result<()> {
-    let store = open_store(&args.store).await?;
+    let store: Arc<dyn OutboxAdmin> = open_store(&args.store).await?;
     let mut out = std::io::stdout().lock();
     match args.command {
         OutboxCommand::Stats => {

@@ -6,8 +6,8 @@ use crate::settings::{DeliverySettings, StoreSettings};
 use anyhow::Context;
 use api::{ApiContext, JwtKey};
 use common::Store;
-use common::store::SqliteStore;
 use common::store::sqlite::SqliteOptions;
+use common::store::{AlertQueue, FreshEvents, Health, Outbox, OutboxAdmin, SqliteStore, Tickets};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +51,31 @@ pub async fn open_store(settings: &StoreSettings) -> anyhow::Result<Arc<dyn Stor
     Ok(Arc::new(store))
 }
 
+/// The store as each part of a role sees it: the capability its job needs. [`Stores::of`] gives
+/// every part the same store (the benchmark puts a decorator of its own in front of `tickets`).
+#[derive(Clone)]
+pub struct Stores {
+    pub health: Arc<dyn Health>,
+    pub tickets: Arc<dyn Tickets>,
+    pub fresh: Arc<dyn FreshEvents>,
+    pub outbox: Arc<dyn Outbox>,
+    pub alerts: Arc<dyn AlertQueue>,
+    pub admin: Arc<dyn OutboxAdmin>,
+}
+
+impl Stores {
+    pub fn of(store: Arc<dyn Store>) -> Self {
+        Self {
+            health: store.clone(),
+            tickets: store.clone(),
+            fresh: store.clone(),
+            outbox: store.clone(),
+            alerts: store.clone(),
+            admin: store,
+        }
+    }
+}
+
 /// The HTTP API, bound and ready to serve.
 pub struct Application {
     listener: TcpListener,
@@ -61,7 +86,7 @@ impl Application {
     /// The API with `/healthz`, `/readyz` and `/metrics` answering for `probes`.
     pub async fn build(
         addr: SocketAddr,
-        store: Arc<dyn Store>,
+        tickets: Arc<dyn Tickets>,
         jwt_key: &str,
         probes: Arc<Probes>,
     ) -> anyhow::Result<Self> {
@@ -71,7 +96,7 @@ impl Application {
             .with_context(|| format!("binding the HTTP port {addr}"))?;
         let router = api::router_with(
             ApiContext {
-                store,
+                tickets,
                 jwt: JwtKey::new(jwt_key),
             },
             ops::router(probes),
@@ -145,7 +170,7 @@ pub struct Delivery {
 }
 
 pub async fn build_delivery(
-    store: Arc<dyn Store>,
+    stores: &Stores,
     settings: &DeliverySettings,
     lease: Duration,
     shutdown: &CancellationToken,
@@ -162,7 +187,7 @@ pub async fn build_delivery(
         .await?,
     );
     let dispatcher = Arc::new(Dispatcher::new(
-        store.clone(),
+        stores.outbox.clone(),
         publisher.clone(),
         DispatchConfig {
             claimer: name.clone(),
@@ -172,7 +197,7 @@ pub async fn build_delivery(
         },
     ));
     let alerter = Arc::new(Alerter::new(
-        store,
+        stores.alerts.clone(),
         settings.alert_webhook_url.clone(),
         name.clone(),
     )?);
@@ -192,19 +217,25 @@ pub async fn build_delivery(
     })
 }
 
-/// Waits for every task; the first error wins, and stops the others.
+/// Waits for every task, in the order they finish: the first to fail stops the others (its error
+/// is the result), whichever of them it is.
 pub async fn join_roles(
     tasks: Vec<(&'static str, JoinHandle<anyhow::Result<()>>)>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let mut result = Ok(());
+    let mut running = tokio::task::JoinSet::new();
     for (role, task) in tasks {
-        let outcome = match task.await {
-            Ok(r) => r,
-            Err(e) => Err(anyhow::anyhow!(e)),
+        running.spawn(async move { (role, task.await) });
+    }
+    let mut result = Ok(());
+    while let Some(joined) = running.join_next().await {
+        let (role, outcome) = match joined {
+            Ok((role, Ok(outcome))) => (role, outcome),
+            Ok((role, Err(e))) => (role, Err(anyhow::anyhow!(e))),
+            Err(e) => ("a role", Err(anyhow::anyhow!(e))),
         };
         if let Err(e) = outcome {
-            tracing::error!(role, error = %format!("{e:#}"), "role failed; stopping");
+            tracing::error!(role, error = %common::error_chain(e.as_ref()), "role failed; stopping");
             shutdown.cancel();
             if result.is_ok() {
                 result = Err(e.context(format!("{role} failed")));
@@ -218,23 +249,28 @@ pub async fn join_roles(
 pub async fn run_all(
     addr: SocketAddr,
     jwt_key: &str,
-    store: Arc<dyn Store>,
+    stores: Stores,
     delivery: &DeliverySettings,
     schedule: cron::Schedule,
     lease: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let d = build_delivery(store.clone(), delivery, lease, &shutdown).await?;
+    let d = build_delivery(&stores, delivery, lease, &shutdown).await?;
     let probes = Arc::new(Probes {
         role: "all",
-        store: Some(store.clone()),
+        store: Some(stores.health.clone()),
+        outbox: Some(stores.admin.clone()),
         nats: Some(d.publisher.clone()),
         nats_required: false,
         redis: None,
         alert_threshold: delivery.alert_threshold,
     });
-    let app = Application::build(addr, store, jwt_key, probes).await?;
-    let feed = tokio::spawn(worker::feed::run(d.dispatcher.clone(), shutdown.clone()));
+    let app = Application::build(addr, stores.tickets.clone(), jwt_key, probes).await?;
+    let feed = tokio::spawn(worker::feed::run(
+        stores.fresh.clone(),
+        d.dispatcher.clone(),
+        shutdown.clone(),
+    ));
     let tasks = vec![
         ("api", tokio::spawn(app.run_until_stopped(shutdown.clone()))),
         (
@@ -261,7 +297,7 @@ pub async fn run_all(
 
 /// `ticketing worker`: the change feed and the Redis job worker, with health on `health`.
 pub async fn run_worker(
-    store: Arc<dyn Store>,
+    stores: Stores,
     delivery: &DeliverySettings,
     redis_url: String,
     health: SocketAddr,
@@ -269,16 +305,21 @@ pub async fn run_worker(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     ops::metrics_handle();
-    let d = build_delivery(store.clone(), delivery, lease, &shutdown).await?;
+    let d = build_delivery(&stores, delivery, lease, &shutdown).await?;
     let probes = Arc::new(Probes {
         role: "worker",
-        store: Some(store),
+        store: Some(stores.health.clone()),
+        outbox: Some(stores.admin.clone()),
         nats: Some(d.publisher.clone()),
         nats_required: true,
         redis: Some(redis_client(&redis_url)?),
         alert_threshold: delivery.alert_threshold,
     });
-    let feed = tokio::spawn(worker::feed::run(d.dispatcher.clone(), shutdown.clone()));
+    let feed = tokio::spawn(worker::feed::run(
+        stores.fresh.clone(),
+        d.dispatcher.clone(),
+        shutdown.clone(),
+    ));
     let runner = d.runner.clone();
     let name = d.name.clone();
     let jobs_shutdown = shutdown.clone();
@@ -319,6 +360,7 @@ pub async fn run_scheduler(
     let probes = Arc::new(Probes {
         role: "scheduler",
         store: None,
+        outbox: None,
         nats: None,
         nats_required: false,
         redis: Some(redis_client(&redis_url)?),
@@ -342,4 +384,36 @@ pub async fn run_scheduler(
 
 fn redis_client(url: &str) -> anyhow::Result<redis::Client> {
     redis::Client::open(url).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_role_that_fails_stops_the_others_whatever_its_place_in_the_list() {
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        // Listed first, runs until told to stop (as the health server does).
+        let health = tokio::spawn(async move {
+            token.cancelled().await;
+            Ok(())
+        });
+        let jobs = tokio::spawn(async { Err(anyhow::anyhow!("cannot register")) });
+        let joined = tokio::time::timeout(
+            Duration::from_secs(10),
+            join_roles(
+                vec![("health", health), ("job worker", jobs)],
+                shutdown.clone(),
+            ),
+        )
+        .await
+        .expect("the failure is seen at once, not after the health server ends");
+        let err = joined.expect_err("the job worker failed");
+        assert_eq!(
+            common::error_chain(err.as_ref()),
+            "job worker failed: cannot register"
+        );
+        assert!(shutdown.is_cancelled());
+    }
 }

@@ -15,8 +15,3 @@ pub fn init() {
         builder.try_init()
     };
 }
-
-/// `error: cause: cause ...`, for logs.
-pub fn cause_chain(e: &anyhow::Error) -> String {
-    format!("{e:#}")
-}

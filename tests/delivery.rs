@@ -12,7 +12,7 @@ use support::delivery::{
     stream_messages,
 };
 use support::{eventually, session_cookie};
-use ticketing::harness::{NatsServer, RedisServer, free_port};
+use testkit::{NatsServer, RedisServer, free_port};
 
 const STREAM: &str = "ticketing";
 const LONG: Duration = Duration::from_secs(60);

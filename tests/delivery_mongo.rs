@@ -4,8 +4,8 @@
 
 mod support;
 
-use common::Store;
-use common::store::mongo::{MongoOptions, MongoStore, with_database};
+use common::store::OutboxAdmin;
+use common::store::mongo::{MongoOptions, MongoStore};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,7 +14,8 @@ use support::delivery::{
     Role, StoredMessage, assert_created_then_updated, assert_once_each, spawn_role, stream_messages,
 };
 use support::{eventually, session_cookie};
-use ticketing::harness::{NatsServer, free_port};
+use testkit::mongo::with_database;
+use testkit::{NatsServer, free_port};
 
 const URI_VAR: &str = "TICKETS_TEST_MONGO_URI";
 const STREAM: &str = "ticketing";

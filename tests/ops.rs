@@ -3,7 +3,8 @@
 
 mod support;
 
-use common::store::{Lease, SqliteStore, Store};
+use common::outbox::{FailedAttempt, Lease};
+use common::store::{Outbox, OutboxAdmin, SqliteStore, Tickets};
 use common::{NewTicket, Price, Title, UserId};
 use serde_json::{Value, json};
 use std::collections::HashSet;
@@ -14,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use support::delivery::{BIN, spawn_role, stream_messages};
 use support::{eventually, session_cookie};
-use ticketing::harness::{NatsServer, RedisServer, free_port};
+use testkit::{NatsServer, RedisServer, free_port};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -353,8 +354,8 @@ async fn outbox_commands_show_and_retry_failed_events() {
     for i in 0..3 {
         store
             .create_ticket(&NewTicket {
-                title: Title::parse(Some(&json!(format!("t{i}")))).expect("title"),
-                price: Price::parse(Some(&json!(1)), "p").expect("price"),
+                title: Title::parse(&format!("t{i}")).expect("title"),
+                price: Price::new(1.0).expect("price"),
                 user_id: UserId::parse("u").expect("user"),
             })
             .await
@@ -371,7 +372,11 @@ async fn outbox_commands_show_and_retry_failed_events() {
                 store.claim_due(10, &lease).await.expect("claim");
             }
             store
-                .record_failure(&[event.id], &lease, &format!("nats down #{n}"), 3)
+                .fail(
+                    &[event.id],
+                    &lease,
+                    &FailedAttempt::new(format!("nats down #{n}"), 3),
+                )
                 .await
                 .expect("fail");
         }

@@ -1,16 +1,18 @@
-//! The outbox state machine driven step by step (`try_dispatch_fresh`, `sweep_once`) against a
-//! real SQLite file and a real `nats-server -js`.
+//! The outbox state machine driven step by step (a first attempt on claimed events, a batch of
+//! the store's fresh-event feed, `sweep_once`) against a real SQLite file and a real
+//! `nats-server -js`.
 
 mod support;
 
-use common::store::{SqliteStore, Store};
+use common::outbox::{Claimed, Claimer, Lease};
+use common::store::{FreshEvents, FreshFeed, Outbox, OutboxAdmin, SqliteStore, Tickets};
 use common::{EventId, NewTicket, Price, TicketChanges, Title, UserId};
-use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use support::delivery::stream_messages;
-use ticketing::harness::NatsServer;
-use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsConfig};
+use testkit::NatsServer;
+use tokio_util::sync::CancellationToken;
+use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsConfig, Outcome, Path};
 
 const STREAM: &str = "ticketing";
 
@@ -56,16 +58,16 @@ async fn store() -> (Arc<SqliteStore>, tempfile::TempDir) {
 
 fn ticket(title: &str) -> NewTicket {
     NewTicket {
-        title: Title::parse(Some(&json!(title))).expect("title"),
-        price: Price::parse(Some(&json!(5)), "price").expect("price"),
+        title: Title::parse(title).expect("title"),
+        price: Price::new(5.0).expect("price"),
         user_id: UserId::parse("seller").expect("user"),
     }
 }
 
 fn changes(title: &str) -> TicketChanges {
     TicketChanges {
-        title: Title::parse(Some(&json!(title))).expect("title"),
-        price: Price::parse(Some(&json!(6)), "price").expect("price"),
+        title: Title::parse(title).expect("title"),
+        price: Price::new(6.0).expect("price"),
     }
 }
 
@@ -89,6 +91,34 @@ async fn outbox_ids(store: &SqliteStore, limit: usize) -> Vec<EventId> {
         .collect()
 }
 
+/// The change feed's first attempt on `ids`, as a feed that saw them committed makes it.
+async fn first_attempt(d: &Dispatcher, store: &Arc<SqliteStore>, ids: &[EventId]) -> Outcome {
+    let claimed = Claimed::fresh(store.clone(), ids, d.claimer().lease())
+        .await
+        .expect("claim");
+    d.dispatch(claimed, Path::ChangeFeed)
+        .await
+        .expect("dispatch")
+}
+
+/// The next batch of a fresh-event feed, within 10 s.
+async fn next_batch(feed: &mut Box<dyn FreshFeed>) -> Claimed {
+    tokio::time::timeout(Duration::from_secs(10), feed.next())
+        .await
+        .expect("a batch within 10 s")
+        .expect("not stopped")
+        .expect("a batch")
+}
+
+async fn subscribe(store: &SqliteStore, name: &str) -> (Box<dyn FreshFeed>, CancellationToken) {
+    let stop = CancellationToken::new();
+    let feed = store
+        .subscribe(&Claimer::new(name, Duration::from_secs(30)), stop.clone())
+        .await
+        .expect("subscribe");
+    (feed, stop)
+}
+
 async fn newest_event(store: &SqliteStore) -> EventId {
     store
         .list_events(1000, None)
@@ -108,7 +138,7 @@ async fn a_later_version_waits_for_an_earlier_failed_one() {
     let t = store.create_ticket(&ticket("show")).await.expect("create");
     let v0 = newest_event(&store).await;
     nats.stop();
-    let first = d.try_dispatch_fresh(&[v0]).await.expect("dispatch");
+    let first = first_attempt(&d, &store, &[v0]).await;
     assert_eq!(
         (first.claimed, first.failed),
         (1, 1),
@@ -121,7 +151,7 @@ async fn a_later_version_waits_for_an_earlier_failed_one() {
         .await
         .expect("update");
     let v1 = newest_event(&store).await;
-    let second = d.try_dispatch_fresh(&[v1]).await.expect("dispatch");
+    let second = first_attempt(&d, &store, &[v1]).await;
     assert_eq!(
         (second.published, second.deferred, second.failed),
         (0, 1, 0),
@@ -145,7 +175,7 @@ async fn a_later_version_waits_for_an_earlier_failed_one() {
         "v0 and v1 are due; v2 is still reserved for the feed"
     );
     let v2 = newest_event(&store).await;
-    let third = d.try_dispatch_fresh(&[v2]).await.expect("dispatch");
+    let third = first_attempt(&d, &store, &[v2]).await;
     assert_eq!(third.published, 1);
 
     let versions = published_versions(&nats).await;
@@ -246,7 +276,7 @@ async fn a_sweep_stops_when_everything_it_claims_must_wait() {
     }
     let events = store.list_events(10, None).await.expect("list");
     // v0 is held by a live claim elsewhere; v1..v5 are due but must wait behind it.
-    let elsewhere = common::store::Lease::new("elsewhere", Duration::from_secs(30));
+    let elsewhere = Lease::new("elsewhere", Duration::from_secs(30));
     store
         .claim_fresh(&[events[0].id], &elsewhere)
         .await
@@ -269,31 +299,41 @@ async fn a_sweep_stops_when_everything_it_claims_must_wait() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_local_feed_gets_each_event_at_commit_already_claimed() {
+async fn the_store_hands_each_event_over_at_commit_already_claimed() {
     let nats = NatsServer::start().expect("nats");
     let (store, dir) = store().await;
     let d = dispatcher(&store, publisher(&nats, "w").await, "w", 100);
-    let mut feed = store
-        .attach_local_feed("w", 16)
-        .expect("SQLite offers a local feed");
+    let (mut feed, stop) = subscribe(&store, "w").await;
 
     let t = store.create_ticket(&ticket("show")).await.expect("create");
     store
         .update_ticket(t.id, 0, &changes("v1"))
         .await
         .expect("update");
-    let v0 = feed.events.recv().await.expect("v0 handed over");
-    let v1 = feed.events.recv().await.expect("v1 handed over");
-    assert_eq!((v0.version, v1.version), (0, 1));
-    for handed in [&v0, &v1] {
-        assert_eq!(handed.locked_by.as_deref(), Some(feed.token.as_str()));
-        let stored = store.get_event(handed.id).await.expect("get").expect("row");
-        assert_eq!(&stored, handed, "what was handed over is the committed row");
+    let mut handed = Vec::new();
+    while handed.iter().map(Claimed::len).sum::<usize>() < 2 {
+        let batch = next_batch(&mut feed).await;
+        let token = batch.lease().token.clone();
+        assert!(
+            token.starts_with("w/local/"),
+            "handed over by the writer: {token}"
+        );
+        for event in batch.events() {
+            assert_eq!(event.locked_by.as_deref(), Some(token.as_str()));
+            let stored = store.get_event(event.id).await.expect("get").expect("row");
+            assert_eq!(&stored, event, "what was handed over is the committed row");
+        }
+        handed.push(batch);
     }
+    let versions: Vec<i64> = handed
+        .iter()
+        .flat_map(|b| b.events().iter().map(|e| e.version))
+        .collect();
+    assert_eq!(versions, [0, 1]);
 
-    // A writer in another process (a second store on the same file) has no local feed: its
-    // event stays fresh, and it is the first thing the tailing feed offers; the two events
-    // held by the local feed are passed over.
+    // A writer in another process (a second store on the same file) hands nothing over: its
+    // event is written fresh, and the same feed gets it from the tail of the table, claimed
+    // for it there; the two events handed over are passed over by the tail.
     let other = SqliteStore::open(dir.path().join("t.db"), Default::default())
         .await
         .expect("open");
@@ -302,26 +342,25 @@ async fn the_local_feed_gets_each_event_at_commit_already_claimed() {
         .await
         .expect("create");
     let fresh = newest_event(&store).await;
-    let mut tail = store.change_feed(None).await.expect("feed");
-    let first = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut tail))
-        .await
-        .expect("the tail offers the fresh event")
-        .expect("an item")
-        .expect("ok");
-    assert_eq!(first.event_id, fresh);
+    let tailed = next_batch(&mut feed).await;
+    assert_eq!(
+        tailed.events().iter().map(|e| e.id).collect::<Vec<_>>(),
+        [fresh]
+    );
+    assert!(tailed.lease().token.starts_with("w/") && !tailed.lease().token.contains("/local/"));
 
-    let outcome = d
-        .dispatch_handed_over(vec![v1, v0], &feed.token)
-        .await
-        .expect("dispatch");
-    assert_eq!((outcome.published, outcome.deferred), (2, 0));
+    for batch in handed {
+        let outcome = d.dispatch(batch, Path::ChangeFeed).await.expect("dispatch");
+        assert_eq!(outcome.deferred, 0);
+    }
     let versions = published_versions(&nats).await;
     assert_eq!(versions, [0, 1], "published in version order");
     let left = outbox_ids(&store, 10).await;
     assert_eq!(left, [fresh], "delivered events are deleted");
 
-    // Once the feed is gone, new events are written fresh, for the tailing feed.
-    drop(feed);
+    // Once the feed is closed, new events are written fresh, for whatever feed tails the table.
+    stop.cancel();
+    feed.close().await;
     store.create_ticket(&ticket("later")).await.expect("create");
     let later = store
         .get_event(newest_event(&store).await)
@@ -332,11 +371,11 @@ async fn the_local_feed_gets_each_event_at_commit_already_claimed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopping_local_feed_releases_the_events_it_did_not_attempt() {
+async fn a_closing_feed_releases_the_events_it_did_not_hand_out() {
     let nats = NatsServer::start().expect("nats");
     let (store, _dir) = store().await;
-    let d = Arc::new(dispatcher(&store, publisher(&nats, "w").await, "w", 100));
-    let feed = store.attach_local_feed("w", 16).expect("local feed");
+    let d = dispatcher(&store, publisher(&nats, "w").await, "w", 100);
+    let (mut feed, stop) = subscribe(&store, "w").await;
     for i in 0..3 {
         store
             .create_ticket(&ticket(&format!("t{i}")))
@@ -344,15 +383,16 @@ async fn a_stopping_local_feed_releases_the_events_it_did_not_attempt() {
             .expect("create");
     }
     let held = store.list_events(10, None).await.expect("list");
-    assert!(
-        held.iter()
-            .all(|e| e.locked_by.as_deref() == Some(feed.token.as_str()))
-    );
+    assert!(held.iter().all(|e| {
+        e.locked_by
+            .as_deref()
+            .is_some_and(|by| by.starts_with("w/local/"))
+    }));
 
     // Stopped before it attempted anything (SIGTERM): the three are released, due at once.
-    let stop = tokio_util::sync::CancellationToken::new();
     stop.cancel();
-    worker::feed::run_local_feed(d.clone(), feed, stop).await;
+    assert!(feed.next().await.is_none(), "a stop ends the feed");
+    feed.close().await;
     let released = store.list_events(10, None).await.expect("list");
     assert_eq!(released.len(), 3);
     assert!(
@@ -372,9 +412,18 @@ async fn a_stopping_local_feed_releases_the_events_it_did_not_attempt() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_the_local_feed_has_no_room_for_stay_fresh_for_the_tailing_feed() {
-    let (store, _dir) = store().await;
-    let mut feed = store.attach_local_feed("w", 1).expect("local feed");
+async fn events_the_hand_over_has_no_room_for_come_through_the_tail() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = SqliteStore::open(
+        dir.path().join("t.db"),
+        common::store::sqlite::SqliteOptions {
+            handover_capacity: 1,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("open");
+    let (mut feed, _stop) = subscribe(&store, "w").await;
     let first = store.create_ticket(&ticket("first")).await.expect("create");
     let second = store
         .create_ticket(&ticket("second"))
@@ -383,9 +432,11 @@ async fn events_the_local_feed_has_no_room_for_stay_fresh_for_the_tailing_feed()
     let events = store.list_events(10, None).await.expect("list");
     assert_eq!(events.len(), 2);
     assert_eq!(events[0].aggregate_id, first.id);
-    assert_eq!(
-        events[0].locked_by.as_deref(),
-        Some(feed.token.as_str()),
+    assert!(
+        events[0]
+            .locked_by
+            .as_deref()
+            .is_some_and(|by| by.starts_with("w/local/")),
         "the first fills the channel"
     );
     assert_eq!(events[1].aggregate_id, second.id);
@@ -394,16 +445,15 @@ async fn events_the_local_feed_has_no_room_for_stay_fresh_for_the_tailing_feed()
         (true, None),
         "no room: written fresh, reserved for a change feed's first attempt"
     );
-    let handed = feed.events.recv().await.expect("handed over");
-    assert_eq!(handed.id, events[0].id);
-    let mut tail = store.change_feed(None).await.expect("feed");
-    let offered =
-        tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut tail))
-            .await
-            .expect("the tail offers the fresh event")
-            .expect("an item")
-            .expect("ok");
-    assert_eq!(offered.event_id, events[1].id);
+    let handed = next_batch(&mut feed).await;
+    assert_eq!(handed.events()[0].id, events[0].id);
+    let tailed = next_batch(&mut feed).await;
+    assert_eq!(tailed.events()[0].id, events[1].id);
+    assert_eq!(
+        tailed.events()[0].locked_by.as_deref(),
+        Some(tailed.lease().token.as_str()),
+        "claimed from the tail"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,12 +474,13 @@ async fn an_event_handed_over_with_little_of_its_claim_left_goes_to_the_sweep_in
         .expect("open"),
     );
     let d = dispatcher(&store, publisher(&nats, "w").await, "w", 100);
-    let mut feed = store.attach_local_feed("w", 16).expect("local feed");
+    let (mut feed, _stop) = subscribe(&store, "w").await;
     store.create_ticket(&ticket("late")).await.expect("create");
-    let handed = feed.events.recv().await.expect("handed over");
+    let handed = next_batch(&mut feed).await;
+    let id = handed.events()[0].id;
 
     let outcome = d
-        .dispatch_handed_over(vec![handed.clone()], &feed.token)
+        .dispatch(handed, Path::ChangeFeed)
         .await
         .expect("dispatch");
     assert_eq!(
@@ -438,7 +489,7 @@ async fn an_event_handed_over_with_little_of_its_claim_left_goes_to_the_sweep_in
     );
     assert!(stream_messages(&nats.url(), STREAM).await.is_empty());
     let released = store
-        .get_event(handed.id)
+        .get_event(id)
         .await
         .expect("get")
         .expect("still there");

@@ -4,13 +4,29 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use common::{StoreError, ValidationError};
+use common::StoreError;
 use serde::Serialize;
+
+/// A body field that broke a rule, with the message the HTTP contract pins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("request validation failed")]
-    Validation(Vec<ValidationError>),
+    Validation(Vec<FieldError>),
     #[error("{message}")]
     BadRequest {
         message: String,
@@ -85,7 +101,7 @@ impl IntoResponse for ApiError {
             }],
             other => {
                 if let ApiError::Store(e) = other {
-                    tracing::error!(error = %common::store::error_chain(e), "store failure answered with 503");
+                    tracing::error!(error = %common::error_chain(e), "store failure answered with 503");
                 }
                 vec![ErrorItem {
                     message: other.to_string(),

@@ -10,7 +10,7 @@ pub mod tickets;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use common::Store;
+use common::store::Tickets;
 use std::sync::Arc;
 
 pub use auth::{AuthUser, JwtKey, MaybeAuthUser};
@@ -22,7 +22,7 @@ pub const BODY_LIMIT: usize = 16 * 1024;
 /// What every handler may use.
 #[derive(Clone)]
 pub struct ApiContext {
-    pub store: Arc<dyn Store>,
+    pub tickets: Arc<dyn Tickets>,
     pub jwt: JwtKey,
 }
 

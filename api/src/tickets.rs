@@ -1,7 +1,7 @@
 //! `/api/tickets`: create, list, show and edit tickets. Every write goes through the store,
 //! which commits the ticket and its outbox event in one transaction.
 
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, FieldError};
 use crate::extract::JsonObject;
 use crate::{ApiContext, AuthUser};
 use axum::extract::{Path, Query, State};
@@ -10,7 +10,8 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use common::store::{Page, UpdateOutcome};
-use common::{NewTicket, Price, Ticket, TicketChanges, TicketId, Title, ValidationError};
+use common::{NewTicket, Price, PriceError, Ticket, TicketChanges, TicketId, Title, TitleError};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
@@ -30,40 +31,65 @@ pub fn router() -> Router<ApiContext> {
         .route("/api/tickets/{id}", get(show).put(update))
 }
 
-/// The body of a create or an update (documentation; the handler parses it field by field).
-#[allow(dead_code)]
-#[derive(utoipa::ToSchema)]
+/// The body of a create or an update: `{title, price}`. Each field is taken as sent, so that a
+/// field of the wrong type is reported with the others instead of failing the whole body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct TicketBody {
     /// Not blank; at most 200 characters.
-    #[schema(min_length = 1, max_length = 200)]
-    title: String,
-    price: PriceInput,
+    #[serde(default)]
+    #[schema(value_type = String, required = true, min_length = 1, max_length = 200)]
+    title: Option<Sent<String>>,
+    #[serde(default)]
+    #[schema(value_type = PriceInput, required = true)]
+    price: Option<Sent<PriceInput>>,
+}
+
+/// A field as sent: of the expected type, or anything else (then it is invalid).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Sent<T> {
+    Expected(T),
+    Other(serde::de::IgnoredAny),
 }
 
 /// Greater than 0 and at most 1,000,000: a JSON number, or a numeric string such as "20.00".
-#[allow(dead_code)]
-#[derive(serde::Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum PriceInput {
     Number(f64),
     Text(String),
 }
 
-/// Parses `{title, price}`, reporting every invalid field at once.
-fn parse_fields(
-    body: &Map<String, Value>,
-    price_message: &str,
-) -> Result<(Title, Price), ApiError> {
-    let title = Title::parse(body.get("title"));
-    let price = Price::parse(body.get("price"), price_message);
-    match (title, price) {
-        (Ok(t), Ok(p)) => Ok((t, p)),
-        (t, p) => Err(ApiError::Validation(
-            [t.err(), p.err()]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<ValidationError>>(),
-        )),
+impl TicketBody {
+    fn from_object(body: Map<String, Value>) -> Result<Self, ApiError> {
+        serde_json::from_value(Value::Object(body))
+            .map_err(|e| ApiError::bad_request(e.to_string()))
+    }
+
+    /// The title and the price, or every invalid field at once. `price_message` is the
+    /// contract's message for a missing or non-positive price, which differs between create
+    /// and update.
+    fn parse(self, price_message: &str) -> Result<(Title, Price), ApiError> {
+        let title = match self.title {
+            Some(Sent::Expected(title)) => Title::parse(&title),
+            _ => Err(TitleError::Blank),
+        }
+        .map_err(|e| FieldError::new("title", e.to_string()));
+        let price = match self.price {
+            Some(Sent::Expected(PriceInput::Number(n))) => Price::new(n),
+            Some(Sent::Expected(PriceInput::Text(text))) => Price::parse(&text),
+            _ => Err(PriceError::NotPositive),
+        }
+        .map_err(|e| match e {
+            PriceError::NotPositive => FieldError::new("price", price_message),
+            other => FieldError::new("price", other.to_string()),
+        });
+        match (title, price) {
+            (Ok(t), Ok(p)) => Ok((t, p)),
+            (t, p) => Err(ApiError::Validation(
+                [t.err(), p.err()].into_iter().flatten().collect(),
+            )),
+        }
     }
 }
 
@@ -85,9 +111,9 @@ pub(crate) async fn create(
     AuthUser(user_id): AuthUser,
     JsonObject(body): JsonObject,
 ) -> Result<impl IntoResponse, ApiError> {
-    let (title, price) = parse_fields(&body, CREATE_PRICE_MESSAGE)?;
+    let (title, price) = TicketBody::from_object(body)?.parse(CREATE_PRICE_MESSAGE)?;
     let ticket = ctx
-        .store
+        .tickets
         .create_ticket(&NewTicket {
             title,
             price,
@@ -134,7 +160,7 @@ pub(crate) async fn list(
             field: Some("cursor"),
         })?),
     };
-    let tickets = ctx.store.list_unreserved(Page { limit, after }).await?;
+    let tickets = ctx.tickets.list_unreserved(Page { limit, after }).await?;
     let mut headers = HeaderMap::new();
     if tickets.len() == limit as usize
         && let Some(last) = tickets.last()
@@ -159,7 +185,7 @@ pub(crate) async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<Ticket>, ApiError> {
     let id = TicketId::parse(&id).ok_or(ApiError::NotFound)?;
-    ctx.store
+    ctx.tickets
         .get_ticket(id)
         .await?
         .map(Json)
@@ -191,11 +217,15 @@ pub(crate) async fn update(
     Path(id): Path<String>,
     JsonObject(body): JsonObject,
 ) -> Result<Json<Ticket>, ApiError> {
-    let (title, price) = parse_fields(&body, UPDATE_PRICE_MESSAGE)?;
+    let (title, price) = TicketBody::from_object(body)?.parse(UPDATE_PRICE_MESSAGE)?;
     let changes = TicketChanges { title, price };
     let id = TicketId::parse(&id).ok_or(ApiError::NotFound)?;
     for _ in 0..UPDATE_ATTEMPTS {
-        let current = ctx.store.get_ticket(id).await?.ok_or(ApiError::NotFound)?;
+        let current = ctx
+            .tickets
+            .get_ticket(id)
+            .await?
+            .ok_or(ApiError::NotFound)?;
         if current.order_id.is_some() {
             return Err(ApiError::bad_request("Cannot edit a reserved ticket"));
         }
@@ -203,7 +233,7 @@ pub(crate) async fn update(
             return Err(ApiError::Unauthorized);
         }
         match ctx
-            .store
+            .tickets
             .update_ticket(id, current.version, &changes)
             .await?
         {
@@ -237,7 +267,7 @@ mod tests {
             .expect("open");
         let jwt = JwtKey::new("k");
         let ctx = ApiContext {
-            store: Arc::new(store),
+            tickets: Arc::new(store),
             jwt: jwt.clone(),
         };
         (router(ctx), jwt, dir)

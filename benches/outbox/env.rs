@@ -13,7 +13,7 @@ fn first_line_of(cmd: &str, args: &[&str]) -> String {
         .unwrap_or_else(|| format!("({cmd} not found)"))
 }
 
-/// The binary `ticketing::harness::NatsServer` starts (same lookup order).
+/// The binary `testkit::NatsServer` starts (same lookup order).
 fn nats_server_bin() -> String {
     if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
         return p;

@@ -1,26 +1,115 @@
-//! Store decorators used by the benchmark. Both delegate every `Store` method to an inner
-//! `SqliteStore` and add one thing after a successful ticket write:
-//! - `Naive`: the design the seed warns against: save (outbox write disabled), then publish the
-//!   event straight to JetStream and await its PubAck before the HTTP answer.
-//! - `Clock`: records the instant each ticket's transaction committed (the inner call returned),
-//!   for the commit-to-PubAck latency scenario.
-//! - `Hand`: hands the event to an in-process publisher and answers at once: no event row, no
-//!   claim, no delete, nothing awaited. The least a delivery with the product's publisher can
-//!   cost (and one that loses the event in a crash): where the outbox path tops out here.
+//! The benchmark's own `Tickets` in front of the API (the product's other capabilities are
+//! untouched):
+//! - `TicketsOnly`: the baseline of scenario 1 (1a): tickets written through the SQLite store's
+//!   own writer (its group commit, its fsync), without their events.
+//! - `Decorated` adds one thing after each successful ticket write of an inner `Tickets`:
+//!   - `Publish`: the design the seed warns against: publish the event straight to JetStream
+//!     and await its PubAck before the HTTP answer (1c).
+//!   - `Clock`: record the instant each ticket's transaction committed (the inner call
+//!     returned), for the commit-to-PubAck latency scenario.
+//!   - `Hand`: hand the event to an in-process publisher and answer at once: no event row, no
+//!     claim, no delete, nothing awaited. The least a delivery with the product's publisher can
+//!     cost (and one that loses the event in a crash): where the outbox path tops out here (1d).
 
 use async_nats::jetstream;
-use common::store::{
-    Alert, ChangeFeed, FeedPosition, Lease, LocalFeed, OutboxStats, Page, PendingVersion,
-    SqliteStore, UpdateOutcome,
-};
+use common::store::{Page, SqliteStore, Tickets, UpdateOutcome};
 use common::{
-    EventId, NewTicket, OutboxEvent, Store, StoreError, Subject, Ticket, TicketChanges, TicketId,
+    EventId, NewTicket, OutboxEvent, StoreError, Subject, Ticket, TicketChanges, TicketId,
 };
+use rusqlite::{OptionalExtension, Row, params};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::sync::mpsc;
+
+/// 1a: the product's ticket rows and statements, on the product's writer, and no event row.
+pub struct TicketsOnly(pub SqliteStore);
+
+fn ticket_from_row(row: &Row) -> rusqlite::Result<Ticket> {
+    let id: String = row.get(0)?;
+    Ok(Ticket {
+        id: TicketId::parse(&id).ok_or(rusqlite::Error::InvalidQuery)?,
+        title: row.get(1)?,
+        price: row.get(2)?,
+        user_id: row.get(3)?,
+        version: row.get(4)?,
+        order_id: row.get(5)?,
+    })
+}
+
+#[async_trait::async_trait]
+impl Tickets for TicketsOnly {
+    async fn create_ticket(&self, new: &NewTicket) -> Result<Ticket, StoreError> {
+        let new = new.clone();
+        self.0
+            .write("create_ticket", move |conn| {
+                conn.prepare_cached(
+                    "INSERT INTO tickets (id, title, price, user_id, version, order_id) \
+                     VALUES (?1, ?2, ?3, ?4, 0, NULL) \
+                     RETURNING id, title, price, user_id, version, order_id",
+                )?
+                .query_row(
+                    params![
+                        TicketId::new().to_hex(),
+                        new.title.as_str(),
+                        new.price.value(),
+                        new.user_id.as_str()
+                    ],
+                    ticket_from_row,
+                )
+            })
+            .await
+    }
+
+    async fn get_ticket(&self, id: TicketId) -> Result<Option<Ticket>, StoreError> {
+        self.0.get_ticket(id).await
+    }
+
+    async fn list_unreserved(&self, page: Page) -> Result<Vec<Ticket>, StoreError> {
+        self.0.list_unreserved(page).await
+    }
+
+    async fn update_ticket(
+        &self,
+        id: TicketId,
+        expected_version: i64,
+        changes: &TicketChanges,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let changes = changes.clone();
+        self.0
+            .write("update_ticket", move |conn| {
+                let updated = conn
+                    .prepare_cached(
+                        "UPDATE tickets SET title = ?1, price = ?2, version = version + 1 \
+                         WHERE id = ?3 AND version = ?4 \
+                         RETURNING id, title, price, user_id, version, order_id",
+                    )?
+                    .query_row(
+                        params![
+                            changes.title.as_str(),
+                            changes.price.value(),
+                            id.to_hex(),
+                            expected_version
+                        ],
+                        ticket_from_row,
+                    )
+                    .optional()?;
+                if let Some(t) = updated {
+                    return Ok(UpdateOutcome::Updated(t));
+                }
+                let exists = conn
+                    .prepare_cached("SELECT 1 FROM tickets WHERE id = ?1")?
+                    .exists([id.to_hex()])?;
+                Ok(if exists {
+                    UpdateOutcome::Conflict
+                } else {
+                    UpdateOutcome::NotFound
+                })
+            })
+            .await
+    }
+}
 
 /// Commit instants by ticket id.
 pub type CommitTimes = Arc<Mutex<HashMap<TicketId, Instant>>>;
@@ -51,12 +140,12 @@ impl Handed {
 }
 
 pub struct Decorated {
-    inner: SqliteStore,
+    inner: Arc<dyn Tickets>,
     after: AfterWrite,
 }
 
 impl Decorated {
-    pub fn new(inner: SqliteStore, after: AfterWrite) -> Self {
+    pub fn new(inner: Arc<dyn Tickets>, after: AfterWrite) -> Self {
         Self { inner, after }
     }
 
@@ -101,15 +190,7 @@ impl Decorated {
 }
 
 #[async_trait::async_trait]
-impl Store for Decorated {
-    fn kind(&self) -> &'static str {
-        self.inner.kind()
-    }
-
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-
+impl Tickets for Decorated {
     async fn create_ticket(&self, new: &NewTicket) -> Result<Ticket, StoreError> {
         let ticket = self.inner.create_ticket(new).await?;
         self.after_write(Subject::TicketCreated, &ticket).await?;
@@ -138,92 +219,5 @@ impl Store for Decorated {
             self.after_write(Subject::TicketUpdated, ticket).await?;
         }
         Ok(outcome)
-    }
-
-    async fn claim_fresh(
-        &self,
-        ids: &[EventId],
-        lease: &Lease,
-    ) -> Result<Vec<OutboxEvent>, StoreError> {
-        self.inner.claim_fresh(ids, lease).await
-    }
-
-    async fn claim_due(&self, limit: usize, lease: &Lease) -> Result<Vec<OutboxEvent>, StoreError> {
-        self.inner.claim_due(limit, lease).await
-    }
-
-    async fn pending_versions(
-        &self,
-        aggregates: &[TicketId],
-    ) -> Result<Vec<PendingVersion>, StoreError> {
-        self.inner.pending_versions(aggregates).await
-    }
-
-    async fn complete(&self, ids: &[EventId]) -> Result<(), StoreError> {
-        self.inner.complete(ids).await
-    }
-
-    async fn release(&self, ids: &[EventId], lease: &Lease) -> Result<(), StoreError> {
-        self.inner.release(ids, lease).await
-    }
-
-    async fn record_failure(
-        &self,
-        ids: &[EventId],
-        lease: &Lease,
-        error: &str,
-        alert_threshold: i64,
-    ) -> Result<Vec<OutboxEvent>, StoreError> {
-        self.inner
-            .record_failure(ids, lease, error, alert_threshold)
-            .await
-    }
-
-    async fn claim_alerts(&self, limit: usize, lease: &Lease) -> Result<Vec<Alert>, StoreError> {
-        self.inner.claim_alerts(limit, lease).await
-    }
-
-    async fn delete_alert(&self, id: &str) -> Result<(), StoreError> {
-        self.inner.delete_alert(id).await
-    }
-
-    async fn release_alert(&self, id: &str) -> Result<(), StoreError> {
-        self.inner.release_alert(id).await
-    }
-
-    fn attach_local_feed(&self, claimer: &str, capacity: usize) -> Option<LocalFeed> {
-        self.inner.attach_local_feed(claimer, capacity)
-    }
-
-    async fn change_feed(&self, from: Option<FeedPosition>) -> Result<ChangeFeed, StoreError> {
-        self.inner.change_feed(from).await
-    }
-
-    async fn load_feed_position(&self) -> Result<Option<FeedPosition>, StoreError> {
-        self.inner.load_feed_position().await
-    }
-
-    async fn save_feed_position(&self, position: &FeedPosition) -> Result<(), StoreError> {
-        self.inner.save_feed_position(position).await
-    }
-
-    async fn outbox_stats(&self, alert_threshold: i64) -> Result<OutboxStats, StoreError> {
-        self.inner.outbox_stats(alert_threshold).await
-    }
-
-    async fn get_event(&self, id: EventId) -> Result<Option<OutboxEvent>, StoreError> {
-        self.inner.get_event(id).await
-    }
-
-    async fn list_events(
-        &self,
-        limit: usize,
-        stuck_threshold: Option<i64>,
-    ) -> Result<Vec<OutboxEvent>, StoreError> {
-        self.inner.list_events(limit, stuck_threshold).await
-    }
-
-    async fn unlock_events(&self, ids: &[EventId]) -> Result<u64, StoreError> {
-        self.inner.unlock_events(ids).await
     }
 }

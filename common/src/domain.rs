@@ -12,23 +12,6 @@ pub const TITLE_MAX_CHARS: usize = 200;
 /// Highest accepted price.
 pub const PRICE_MAX: f64 = 1_000_000.0;
 
-/// A rule a value from the outside broke, with the message the HTTP contract pins.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message}")]
-pub struct ValidationError {
-    pub field: &'static str,
-    pub message: String,
-}
-
-impl ValidationError {
-    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            field,
-            message: message.into(),
-        }
-    }
-}
-
 macro_rules! object_id_newtype {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
@@ -91,22 +74,26 @@ object_id_newtype!(
     EventId
 );
 
-/// A ticket title: present, not only whitespace, at most [`TITLE_MAX_CHARS`] characters.
+/// Why a title is not one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TitleError {
+    #[error("Title is required")]
+    Blank,
+    #[error("Title must be at most {TITLE_MAX_CHARS} characters")]
+    TooLong,
+}
+
+/// A ticket title: not only whitespace, at most [`TITLE_MAX_CHARS`] characters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Title(String);
 
 impl Title {
-    pub fn parse(raw: Option<&serde_json::Value>) -> Result<Self, ValidationError> {
-        let required = || ValidationError::new("title", "Title is required");
-        let s = raw.and_then(|v| v.as_str()).ok_or_else(required)?;
+    pub fn parse(s: &str) -> Result<Self, TitleError> {
         if s.trim().is_empty() {
-            return Err(required());
+            return Err(TitleError::Blank);
         }
         if s.chars().count() > TITLE_MAX_CHARS {
-            return Err(ValidationError::new(
-                "title",
-                format!("Title must be at most {TITLE_MAX_CHARS} characters"),
-            ));
+            return Err(TitleError::TooLong);
         }
         Ok(Self(s.to_owned()))
     }
@@ -116,42 +103,43 @@ impl Title {
     }
 }
 
-/// A price: a finite number greater than 0 and at most [`PRICE_MAX`]. Accepted as a JSON number
-/// or a numeric string (the course's React client sends `"20.00"`); always stored as a number.
+/// Why a price is not one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum PriceError {
+    /// Not a finite number above 0 (or, as text, not plain decimal notation).
+    #[error("Price must be greater than 0")]
+    NotPositive,
+    #[error("Price must be at most {PRICE_MAX}")]
+    TooHigh,
+}
+
+/// A price: a finite number greater than 0 and at most [`PRICE_MAX`]; always stored as a number.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Price(f64);
 
 impl Price {
-    /// `message` is the contract's message for a missing or non-positive price, which differs
-    /// between create and update.
-    pub fn parse(raw: Option<&serde_json::Value>, message: &str) -> Result<Self, ValidationError> {
-        let invalid = || ValidationError::new("price", message);
-        let n = match raw {
-            Some(serde_json::Value::Number(n)) => n.as_f64().ok_or_else(invalid)?,
-            Some(serde_json::Value::String(s)) => {
-                let s = s.trim();
-                // Only plain decimal notation: "20", "20.00", ".5". No "inf", "NaN", "1e3", hex.
-                let plain = !s.is_empty()
-                    && s.chars().all(|c| c.is_ascii_digit() || c == '.')
-                    && s.chars().filter(|&c| c == '.').count() <= 1
-                    && s.chars().any(|c| c.is_ascii_digit());
-                if !plain {
-                    return Err(invalid());
-                }
-                s.parse::<f64>().map_err(|_| invalid())?
-            }
-            _ => return Err(invalid()),
-        };
+    pub fn new(n: f64) -> Result<Self, PriceError> {
         if !n.is_finite() || n <= 0.0 {
-            return Err(invalid());
+            return Err(PriceError::NotPositive);
         }
         if n > PRICE_MAX {
-            return Err(ValidationError::new(
-                "price",
-                format!("Price must be at most {PRICE_MAX}"),
-            ));
+            return Err(PriceError::TooHigh);
         }
         Ok(Self(n))
+    }
+
+    /// A price written as text, as the course's React client sends it (`"20.00"`): plain
+    /// decimal notation only ("20", "20.00", ".5"; no "inf", "NaN", "1e3", hex), around spaces.
+    pub fn parse(s: &str) -> Result<Self, PriceError> {
+        let s = s.trim();
+        let plain = !s.is_empty()
+            && s.chars().all(|c| c.is_ascii_digit() || c == '.')
+            && s.chars().filter(|&c| c == '.').count() <= 1
+            && s.chars().any(|c| c.is_ascii_digit());
+        if !plain {
+            return Err(PriceError::NotPositive);
+        }
+        Self::new(s.parse::<f64>().map_err(|_| PriceError::NotPositive)?)
     }
 
     pub fn value(&self) -> f64 {
@@ -365,63 +353,42 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    const CREATE: &str = "Price must be greater than 0";
-
     #[test]
-    fn title_rejects_missing_empty_blank_and_too_long() {
-        for raw in [None, Some(json!("")), Some(json!("   \t")), Some(json!(5))] {
-            let err = Title::parse(raw.as_ref()).unwrap_err();
-            assert_eq!(err.message, "Title is required");
-            assert_eq!(err.field, "title");
+    fn title_rejects_empty_blank_and_too_long() {
+        for raw in ["", "   \t"] {
+            assert_eq!(Title::parse(raw), Err(TitleError::Blank));
         }
+        assert_eq!(TitleError::Blank.to_string(), "Title is required");
         let long = "é".repeat(TITLE_MAX_CHARS + 1);
-        assert!(Title::parse(Some(&json!(long))).is_err());
+        assert_eq!(Title::parse(&long), Err(TitleError::TooLong));
         let max = "é".repeat(TITLE_MAX_CHARS);
-        assert_eq!(Title::parse(Some(&json!(max))).unwrap().as_str(), max);
+        assert_eq!(Title::parse(&max).unwrap().as_str(), max);
     }
 
     #[test]
-    fn price_accepts_numbers_and_numeric_strings() {
-        assert_eq!(
-            Price::parse(Some(&json!(20)), CREATE).unwrap().value(),
-            20.0
-        );
-        assert_eq!(
-            Price::parse(Some(&json!("20.00")), CREATE).unwrap().value(),
-            20.0
-        );
-        assert_eq!(
-            Price::parse(Some(&json!(" 0.5 ")), CREATE).unwrap().value(),
-            0.5
-        );
-        assert_eq!(
-            Price::parse(Some(&json!(PRICE_MAX)), CREATE)
-                .unwrap()
-                .value(),
-            PRICE_MAX
-        );
+    fn price_accepts_numbers_and_decimal_text() {
+        assert_eq!(Price::new(20.0).unwrap().value(), 20.0);
+        assert_eq!(Price::parse("20.00").unwrap().value(), 20.0);
+        assert_eq!(Price::parse(" 0.5 ").unwrap().value(), 0.5);
+        assert_eq!(Price::parse(".5").unwrap().value(), 0.5);
+        assert_eq!(Price::new(PRICE_MAX).unwrap().value(), PRICE_MAX);
     }
 
     #[test]
-    fn price_rejects_missing_non_positive_and_non_numeric() {
-        for raw in [
-            None,
-            Some(json!(0)),
-            Some(json!(-10)),
-            Some(json!("abc")),
-            Some(json!("NaN")),
-            Some(json!("inf")),
-            Some(json!("1e3")),
-            Some(json!("-1")),
-            Some(json!("")),
-            Some(json!(".")),
-            Some(json!(null)),
-            Some(json!([1])),
-        ] {
-            let err = Price::parse(raw.as_ref(), CREATE).unwrap_err();
-            assert_eq!(err.message, CREATE, "{raw:?}");
+    fn price_rejects_non_positive_non_finite_and_non_decimal() {
+        for n in [0.0, -10.0, f64::NAN, f64::INFINITY] {
+            assert_eq!(Price::new(n), Err(PriceError::NotPositive), "{n}");
         }
-        assert!(Price::parse(Some(&json!(PRICE_MAX * 2.0)), CREATE).is_err());
+        for text in [
+            "abc", "NaN", "inf", "1e3", "-1", "", ".", "0", "1.2.3", "0x10",
+        ] {
+            assert_eq!(Price::parse(text), Err(PriceError::NotPositive), "{text:?}");
+        }
+        assert_eq!(Price::new(PRICE_MAX * 2.0), Err(PriceError::TooHigh));
+        assert_eq!(
+            PriceError::TooHigh.to_string(),
+            "Price must be at most 1000000"
+        );
     }
 
     #[test]
@@ -486,13 +453,13 @@ mod tests {
     const SEVENTEEN_DIGITS: f64 = 394_301.338_356_336_75;
 
     #[test]
-    fn a_price_sent_as_a_number_or_as_a_string_is_the_nearest_double() {
+    fn a_price_sent_as_a_number_or_as_text_is_the_nearest_double() {
         let body: serde_json::Value =
-            serde_json::from_str(r#"{"n": 394301.33835633675, "s": "394301.33835633675"}"#)
-                .expect("json");
-        for raw in [&body["n"], &body["s"]] {
-            let price = Price::parse(Some(raw), CREATE).expect("valid price");
-            assert_eq!(price.value().to_bits(), SEVENTEEN_DIGITS.to_bits(), "{raw}");
+            serde_json::from_str(r#"{"n": 394301.33835633675}"#).expect("json");
+        let number = body["n"].as_f64().expect("a number");
+        for price in [Price::new(number), Price::parse("394301.33835633675")] {
+            let price = price.expect("valid price");
+            assert_eq!(price.value().to_bits(), SEVENTEEN_DIGITS.to_bits());
         }
     }
 

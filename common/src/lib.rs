@@ -1,12 +1,17 @@
 //! The shared library of the tickets service: the domain (tickets, outbox events, subjects),
-//! and the store trait with its adapters. Mirrors the course's `common` package.
+//! the outbox's rules (`outbox`), and the store's capabilities with their adapters (`store`).
+//! Mirrors the course's `common` package.
 
+pub mod backoff;
 pub mod domain;
+pub mod errors;
 pub mod jobs;
+pub mod outbox;
 pub mod store;
 
 pub use domain::{
-    EventId, Failure, NewTicket, OutboxEvent, Payload, Price, Subject, Ticket, TicketChanges,
-    TicketId, Title, UserId, ValidationError,
+    EventId, Failure, NewTicket, OutboxEvent, Payload, Price, PriceError, Subject, Ticket,
+    TicketChanges, TicketId, Title, TitleError, UserId,
 };
+pub use errors::error_chain;
 pub use store::{Store, StoreError};

@@ -2,12 +2,13 @@
 //! set (e.g. `mongodb://127.0.0.1:27017/?replicaSet=rs0`); each check gets a fresh database
 //! `tickets_test_<ObjectId>`, dropped when the check passes (kept for a look when it fails).
 
-use common::store::contract::CHECKS;
-use common::store::mongo::{MongoOptions, MongoStore, with_database};
-use common::store::{Store, UpdateOutcome};
+use common::store::mongo::{MongoOptions, MongoStore};
+use common::store::{Tickets, UpdateOutcome};
 use common::{NewTicket, Price, TicketChanges, Title, UserId};
 use std::io::Write;
 use std::time::Duration;
+use testkit::contract::CHECKS;
+use testkit::mongo::with_database;
 
 const URI_VAR: &str = "TICKETS_TEST_MONGO_URI";
 
@@ -40,7 +41,7 @@ async fn mongo_store_passes_the_store_contract() {
             .unwrap_or_else(|e| {
                 panic!(
                     "{name}: cannot open the MongoDB store: {}",
-                    common::store::error_chain(&e)
+                    common::error_chain(&e)
                 )
             });
         eprintln!("contract check {name} on database {database}");
@@ -65,8 +66,8 @@ async fn an_update_that_keeps_losing_write_conflicts_answers_conflict() {
     let store = MongoStore::open(&with_database(&uri, &database), MongoOptions::default())
         .await
         .expect("open");
-    let price = |p: f64| Price::parse(Some(&serde_json::json!(p)), "price").expect("price");
-    let title = |t: &str| Title::parse(Some(&serde_json::json!(t))).expect("title");
+    let price = |p: f64| Price::new(p).expect("price");
+    let title = |t: &str| Title::parse(t).expect("title");
     let ticket = store
         .create_ticket(&NewTicket {
             title: title("a"),

@@ -31,7 +31,7 @@ pub fn spawn_role(role: &str, env: &[(&str, String)], log: PathBuf) -> Role {
         .stdout(Stdio::null())
         .stderr(file);
     // Several workers and schedulers run side by side: each gets its own health port.
-    let port = ticketing::harness::free_port().expect("free port");
+    let port = testkit::free_port().expect("free port");
     cmd.env("HEALTH_PORT", port.to_string());
     for (k, v) in env {
         cmd.env(k, v);

@@ -33,6 +33,7 @@ pub async fn spawn_app() -> TestApp {
     let probes = Arc::new(ticketing::ops::Probes {
         role: "api",
         store: Some(Arc::new(store.clone())),
+        outbox: Some(Arc::new(store.clone())),
         nats: None,
         nats_required: false,
         redis: None,

@@ -2,7 +2,8 @@
 //! (or the delivery), then posted to `ALERT_WEBHOOK_URL` by this sender: a webhook that is down
 //! or slow delays no publish and loses no alert; it is retried on the next sweep.
 
-use common::store::{Alert, AlertKind, Lease, Store, StoreError};
+use common::outbox::{Alert, AlertKind, Lease};
+use common::store::{AlertQueue, StoreError};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +14,7 @@ pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
 const ALERTS_PER_ROUND: usize = 100;
 
 pub struct Alerter {
-    store: Arc<dyn Store>,
+    alerts: Arc<dyn AlertQueue>,
     client: reqwest::Client,
     url: Option<String>,
     claimer: String,
@@ -28,7 +29,7 @@ pub struct AlertRound {
 
 impl Alerter {
     pub fn new(
-        store: Arc<dyn Store>,
+        alerts: Arc<dyn AlertQueue>,
         url: Option<String>,
         claimer: String,
     ) -> anyhow::Result<Self> {
@@ -37,7 +38,7 @@ impl Alerter {
             .connect_timeout(WEBHOOK_TIMEOUT)
             .build()?;
         Ok(Self {
-            store,
+            alerts,
             client,
             url: url.filter(|u| !u.trim().is_empty()),
             claimer,
@@ -49,25 +50,22 @@ impl Alerter {
     pub async fn send_pending(&self) -> Result<AlertRound, StoreError> {
         let mut round = AlertRound::default();
         let lease = Lease::new(&self.claimer, WEBHOOK_TIMEOUT * 3);
-        let alerts = self.store.claim_alerts(ALERTS_PER_ROUND, &lease).await?;
+        let alerts = self.alerts.claim_alerts(ALERTS_PER_ROUND, &lease).await?;
         for alert in alerts {
             let Some(url) = &self.url else {
-                self.store.delete_alert(&alert.id).await?;
+                self.alerts.delete_alert(&alert.id).await?;
                 continue;
             };
             match self.post(url, &alert).await {
                 Ok(()) => {
-                    self.store.delete_alert(&alert.id).await?;
+                    self.alerts.delete_alert(&alert.id).await?;
                     round.sent += 1;
-                    let kind = match alert.kind {
-                        AlertKind::Firing => "firing",
-                        AlertKind::Resolved => "resolved",
-                    };
-                    metrics::counter!("outbox_alerts_sent_total", "kind" => kind).increment(1);
+                    metrics::counter!("outbox_alerts_sent_total", "kind" => alert.kind.as_str())
+                        .increment(1);
                     tracing::info!(alert = %alert.id, "alert sent to the webhook");
                 }
                 Err(e) => {
-                    self.store.release_alert(&alert.id).await?;
+                    self.alerts.release_alert(&alert.id).await?;
                     round.failed += 1;
                     metrics::counter!("outbox_alerts_failed_total").increment(1);
                     tracing::error!(alert = %alert.id, error = %e, "alert webhook failed; retrying on the next sweep");
@@ -84,7 +82,7 @@ impl Alerter {
             .json(&payload(alert))
             .send()
             .await
-            .map_err(|e| common::store::error_chain(&e))?;
+            .map_err(|e| common::error_chain(&e))?;
         if res.status().is_success() {
             Ok(())
         } else {

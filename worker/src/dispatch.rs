@@ -1,9 +1,11 @@
 //! One step of the outbox: take the events a claim returned, apply the per-ticket order rule,
-//! publish, and record each outcome. Loops (the change feed, the sweep schedule) live elsewhere;
-//! tests drive these steps directly.
+//! publish, and record each outcome through the claim. Every route to NATS ends here: the
+//! change feed's batches (`FreshFeed::next`) and the sweep's claims (`sweep_once`). Loops (the
+//! change feed, the sweep schedule) live elsewhere; tests drive these steps directly.
 
 use crate::publisher::JetStreamPublisher;
-use common::store::{Lease, Store, StoreError};
+use common::outbox::{Claimed, Claimer, FailedAttempt, rules};
+use common::store::{Outbox, StoreError};
 use common::{EventId, OutboxEvent, TicketId};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -68,102 +70,47 @@ impl Outcome {
 pub const SWEEP_LANES: usize = 3;
 
 pub struct Dispatcher {
-    store: Arc<dyn Store>,
+    outbox: Arc<dyn Outbox>,
     publisher: Arc<JetStreamPublisher>,
     config: DispatchConfig,
 }
 
 impl Dispatcher {
     pub fn new(
-        store: Arc<dyn Store>,
+        outbox: Arc<dyn Outbox>,
         publisher: Arc<JetStreamPublisher>,
         config: DispatchConfig,
     ) -> Self {
         Self {
-            store,
+            outbox,
             publisher,
             config,
         }
-    }
-
-    pub fn store(&self) -> &Arc<dyn Store> {
-        &self.store
     }
 
     pub fn config(&self) -> &DispatchConfig {
         &self.config
     }
 
-    fn lease(&self) -> Lease {
-        Lease::new(&self.config.claimer, self.config.lease)
-    }
-
-    /// The change feed's first attempt on events it saw committed. Events another replica (or
-    /// the sweep) already holds are skipped.
-    pub async fn try_dispatch_fresh(&self, ids: &[EventId]) -> Result<Outcome, StoreError> {
-        let lease = self.lease();
-        let claimed = self.store.claim_fresh(ids, &lease).await?;
-        self.dispatch(claimed, &lease, Path::ChangeFeed).await
-    }
-
-    /// The first attempt on events the store handed over already claimed under `token` (a change
-    /// feed in the writer's process, see `Store::attach_local_feed`). Their claim runs from their
-    /// insert: an event that waited in the channel until less than half of the lease is left
-    /// could lose it to a sweep while it is being published, so it is released to the sweep
-    /// instead (counted as deferred, not as a failure).
-    pub async fn dispatch_handed_over(
-        &self,
-        events: Vec<OutboxEvent>,
-        token: &str,
-    ) -> Result<Outcome, StoreError> {
-        let now = chrono::Utc::now();
-        let margin = chrono::Duration::from_std(self.config.lease / 2).unwrap_or_default();
-        let (held, stale): (Vec<OutboxEvent>, Vec<OutboxEvent>) = events
-            .into_iter()
-            .partition(|e| e.locked_until - now >= margin);
-        let lease = Lease {
-            token: token.to_owned(),
-            until: held.iter().map(|e| e.locked_until).min().unwrap_or(now),
-        };
-        if !stale.is_empty() {
-            tracing::warn!(
-                events = stale.len(),
-                "local change feed: events waited too long to be handed over; released to the sweep"
-            );
-            self.release_all(&stale, &lease).await?;
-        }
-        let mut outcome = self.dispatch(held, &lease, Path::ChangeFeed).await?;
-        outcome.deferred += stale.len();
-        Ok(outcome)
-    }
-
-    /// Unlocks events held under `token` so the next sweep takes them (a local feed stopping).
-    pub async fn release_handed_over(
-        &self,
-        events: &[OutboxEvent],
-        token: &str,
-    ) -> Result<(), StoreError> {
-        let lease = Lease {
-            token: token.to_owned(),
-            until: chrono::Utc::now(),
-        };
-        self.release_all(events, &lease).await
+    /// Who this dispatcher claims as, with its lease.
+    pub fn claimer(&self) -> Claimer {
+        Claimer::new(self.config.claimer.clone(), self.config.lease)
     }
 
     /// One sweep step: claims up to `sweep_batch` unlocked or lock-expired events and retries
     /// them.
     pub async fn sweep_once(&self) -> Result<Outcome, StoreError> {
-        let (lease, claimed) = self.claim_step().await?;
-        self.dispatch(claimed, &lease, Path::Sweep).await
+        let claimed = self.claim_step().await?;
+        self.dispatch(claimed, Path::Sweep).await
     }
 
-    async fn claim_step(&self) -> Result<(Lease, Vec<OutboxEvent>), StoreError> {
-        let lease = self.lease();
-        let claimed = self
-            .store
-            .claim_due(self.config.sweep_batch, &lease)
-            .await?;
-        Ok((lease, claimed))
+    async fn claim_step(&self) -> Result<Claimed, StoreError> {
+        Claimed::due(
+            self.outbox.clone(),
+            self.config.sweep_batch,
+            self.claimer().lease(),
+        )
+        .await
     }
 
     /// Sweep steps, in [`SWEEP_LANES`] concurrent lanes, each until the outbox has nothing due,
@@ -196,22 +143,20 @@ impl Dispatcher {
     ) -> Result<Outcome, StoreError> {
         let mut total = Outcome::default();
         let mut next = Some(self.claim_step().await?);
-        while let Some((lease, claimed)) = next.take() {
+        while let Some(claimed) = next.take() {
             let full = claimed.len() >= self.config.sweep_batch;
             let (step, prefetched) = if full && started.elapsed() < budget && !stop.is_cancelled() {
-                let (step, prefetched) = tokio::join!(
-                    self.dispatch(claimed, &lease, Path::Sweep),
-                    self.claim_step()
-                );
+                let (step, prefetched) =
+                    tokio::join!(self.dispatch(claimed, Path::Sweep), self.claim_step());
                 (step, Some(prefetched))
             } else {
-                (self.dispatch(claimed, &lease, Path::Sweep).await, None)
+                (self.dispatch(claimed, Path::Sweep).await, None)
             };
             let prefetched = prefetched.transpose();
             let (step, prefetched) = match (step, prefetched) {
                 (Ok(step), Ok(prefetched)) => (step, prefetched),
-                (Err(e), Ok(Some((lease, claimed)))) => {
-                    self.release_all(&claimed, &lease).await?;
+                (Err(e), Ok(Some(claimed))) => {
+                    release_all(&claimed).await?;
                     return Err(e);
                 }
                 (Err(e), _) | (Ok(_), Err(e)) => return Err(e),
@@ -227,28 +172,18 @@ impl Dispatcher {
                 || started.elapsed() >= budget
                 || stop.is_cancelled();
             match prefetched {
-                Some((lease, claimed)) if done => self.release_all(&claimed, &lease).await?,
+                Some(claimed) if done => release_all(&claimed).await?,
                 prefetched => next = prefetched,
             }
         }
         Ok(total)
     }
 
-    async fn release_all(&self, claimed: &[OutboxEvent], lease: &Lease) -> Result<(), StoreError> {
-        if claimed.is_empty() {
-            return Ok(());
-        }
-        let ids: Vec<EventId> = claimed.iter().map(|e| e.id).collect();
-        self.store.release(&ids, lease).await
-    }
-
-    /// Publishes what `lease` holds, oldest version first per ticket, and records the outcomes.
-    async fn dispatch(
-        &self,
-        claimed: Vec<OutboxEvent>,
-        lease: &Lease,
-        path: Path,
-    ) -> Result<Outcome, StoreError> {
+    /// Publishes what `claimed` holds, oldest version first per ticket, and records the
+    /// outcomes through it. An event whose claim has less than half of a lease left (one
+    /// handed over late) goes back to the sweep instead: a sweep could take it over while it is
+    /// being published.
+    pub async fn dispatch(&self, mut claimed: Claimed, path: Path) -> Result<Outcome, StoreError> {
         let mut outcome = Outcome {
             claimed: claimed.len(),
             ..Default::default()
@@ -258,10 +193,23 @@ impl Dispatcher {
         if claimed.is_empty() {
             return Ok(outcome);
         }
-        let (mut chains, blocked) = self.order_chains(claimed).await?;
+        let now = rules::now();
+        let (events, late): (Vec<OutboxEvent>, Vec<OutboxEvent>) = claimed
+            .take_events()
+            .into_iter()
+            .partition(|e| rules::claim_left(e, now, self.config.lease / 2));
+        if !late.is_empty() {
+            tracing::warn!(
+                events = late.len(),
+                "events waited too long to be handed over; released to the sweep"
+            );
+            outcome.deferred += late.len();
+            claimed.release(&ids_of(&late)).await?;
+        }
+        let (mut chains, blocked) = self.order_chains(events).await?;
         if !blocked.is_empty() {
             outcome.deferred += blocked.len();
-            self.store.release(&blocked, lease).await?;
+            claimed.release(&blocked).await?;
         }
         let path_label = path.as_str();
         let puback_latency = metrics::histogram!("outbox_commit_to_puback_seconds");
@@ -296,12 +244,15 @@ impl Dispatcher {
                     }
                     Err(error) => {
                         failed_tickets.insert(event.aggregate_id);
-                        failures.entry(error).or_default().push(event.id);
+                        failures
+                            .entry(error.to_string())
+                            .or_default()
+                            .push(event.id);
                     }
                 }
             }
             if !delivered.is_empty() {
-                self.store.complete(&delivered).await?;
+                claimed.complete(&delivered).await?;
                 outcome.published += delivered.len();
                 metrics::counter!("outbox_publish_successes_total", "path" => path_label)
                     .increment(delivered.len() as u64);
@@ -311,11 +262,8 @@ impl Dispatcher {
                 metrics::counter!("outbox_publish_failures_total", "path" => path_label)
                     .increment(ids.len() as u64);
                 tracing::warn!(path = path.as_str(), events = ids.len(), %error, "publish failed");
-                let alerted = self
-                    .store
-                    .record_failure(&ids, lease, &error, self.config.alert_threshold)
-                    .await?;
-                for e in alerted {
+                let attempt = FailedAttempt::new(error, self.config.alert_threshold);
+                for e in claimed.fail(&ids, &attempt).await? {
                     tracing::error!(event.id = %e.id, subject = %e.subject, aggregate = %e.aggregate_id,
                         version = e.version, attempts = e.attempts, last_error = e.last_error().unwrap_or(""),
                         "outbox event keeps failing to publish: a human should look (ticketing outbox show)");
@@ -333,7 +281,7 @@ impl Dispatcher {
                 }
                 if !waiting.is_empty() {
                     outcome.deferred += waiting.len();
-                    self.store.release(&waiting, lease).await?;
+                    claimed.release(&waiting).await?;
                 }
             }
         }
@@ -375,7 +323,7 @@ impl Dispatcher {
         if tickets.is_empty() {
             return Ok((chains, Vec::new()));
         }
-        let mut pending = self.store.pending_versions(&tickets).await?;
+        let mut pending = self.outbox.pending_versions(&tickets).await?;
         pending.sort_by_key(|p| (p.aggregate_id, p.version));
         let mut looked_up: BTreeMap<TicketId, VecDeque<OutboxEvent>> = BTreeMap::new();
         let mut open: HashSet<TicketId> = tickets.iter().copied().collect();
@@ -399,4 +347,13 @@ impl Dispatcher {
         let blocked: Vec<EventId> = mine.into_keys().collect();
         Ok((chains, blocked))
     }
+}
+
+fn ids_of(events: &[OutboxEvent]) -> Vec<EventId> {
+    events.iter().map(|e| e.id).collect()
+}
+
+/// Gives a claim made for a step that will not run back to the sweep (not a failure).
+async fn release_all(claimed: &Claimed) -> Result<(), StoreError> {
+    claimed.release(&ids_of(claimed.events())).await
 }

@@ -7,6 +7,7 @@ use crate::dispatch::{Dispatcher, Outcome};
 use apalis::prelude::*;
 use apalis_cron::{CronScheduler, Tick};
 use apalis_redis::{Config as RedisConfig, RedisStorage};
+use common::backoff::Backoff;
 use common::jobs::{RETRY_QUEUE, RetryPublishingNATSEvents};
 use std::sync::Arc;
 use std::time::Duration;
@@ -63,7 +64,7 @@ impl SweepRunner {
         let outcome = match self.dispatcher.sweep(self.budget, &self.stop).await {
             Ok(o) => o,
             Err(e) => {
-                tracing::error!(tick = job.tick, error = %common::store::error_chain(&e), "sweep failed");
+                tracing::error!(tick = job.tick, error = %common::error_chain(&e), "sweep failed");
                 Outcome::default()
             }
         };
@@ -95,7 +96,7 @@ impl SweepRunner {
                 return;
             };
             if let Err(e) = alerter.send_pending().await {
-                tracing::error!(error = %common::store::error_chain(&e), "sending alerts failed");
+                tracing::error!(error = %common::error_chain(&e), "sending alerts failed");
             }
         });
     }
@@ -143,7 +144,7 @@ pub async fn connect_redis(
     url: &str,
     shutdown: &CancellationToken,
 ) -> Option<RedisStorage<RetryPublishingNATSEvents>> {
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         match apalis_redis::connect(url).await {
             Ok(conn) => {
@@ -154,9 +155,8 @@ pub async fn connect_redis(
                 tracing::error!(error = %e, "cannot reach Redis (REDIS_URL); retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

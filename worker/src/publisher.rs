@@ -39,6 +39,26 @@ pub fn normalize_url(url: &str) -> String {
     url.to_owned()
 }
 
+/// Why a publish failed. Its text is what the event's failures record and alerts show.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishError {
+    /// No connection to NATS right now: nothing was sent.
+    #[error("NATS is not connected ({url})")]
+    NotConnected { url: String },
+    /// The stream could not be looked up or created: nothing was sent.
+    #[error("cannot get or create JetStream stream {stream}: {reason}")]
+    Stream { stream: String, reason: String },
+    /// JetStream answered that no stream captures the subject (the stream was deleted).
+    #[error("no JetStream stream captures this subject")]
+    NoStream,
+    /// The client could not take the message.
+    #[error("{0}")]
+    Send(String),
+    /// No PubAck: refused by the server, timed out, or the connection dropped while waiting.
+    #[error("{0}")]
+    Ack(String),
+}
+
 /// What JetStream said about one stored message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Published {
@@ -116,7 +136,7 @@ impl JetStreamPublisher {
     }
 
     /// Gets or creates the stream (file storage, `ticket.>`, the duplicate window), once.
-    pub async fn ensure_stream(&self) -> Result<(), String> {
+    pub async fn ensure_stream(&self) -> Result<(), PublishError> {
         let mut ready = self.stream_ready.lock().await;
         if *ready {
             return Ok(());
@@ -134,10 +154,10 @@ impl JetStreamPublisher {
         if let Err(e) = created {
             // Another worker may have created it between our lookup and our create.
             if self.js.get_stream(&self.config.stream).await.is_err() {
-                return Err(format!(
-                    "cannot get or create JetStream stream {}: {e}",
-                    self.config.stream
-                ));
+                return Err(PublishError::Stream {
+                    stream: self.config.stream.clone(),
+                    reason: e.to_string(),
+                });
             }
         }
         tracing::info!(stream = %self.config.stream, "JetStream stream ready");
@@ -148,12 +168,14 @@ impl JetStreamPublisher {
     /// Publishes the events pipelined (all sent, then all acks awaited together) and returns one
     /// result per event, in order. Fails fast while the connection is down instead of letting the
     /// client buffer messages.
-    pub async fn publish_batch(&self, events: &[OutboxEvent]) -> Vec<Result<Published, String>> {
+    pub async fn publish_batch(
+        &self,
+        events: &[OutboxEvent],
+    ) -> Vec<Result<Published, PublishError>> {
         if !self.wait_connected(CONNECT_GRACE).await {
-            let e = format!(
-                "NATS is not connected ({})",
-                normalize_url(&self.config.url)
-            );
+            let e = PublishError::NotConnected {
+                url: normalize_url(&self.config.url),
+            };
             return events.iter().map(|_| Err(e.clone())).collect();
         }
         if let Err(e) = self.ensure_stream().await {
@@ -167,14 +189,14 @@ impl JetStreamPublisher {
                 .payload(payload.into())
                 .message_id(event.id.to_hex());
             let sent = self.js.send_publish(event.subject.as_str(), message).await;
-            pending.push(sent.map_err(|e| e.to_string()));
+            pending.push(sent.map_err(|e| PublishError::Send(e.to_string())));
         }
         let acks = pending.into_iter().map(|sent| async move {
             let ack = sent?.await.map_err(|e| {
                 if e.kind() == PublishErrorKind::StreamNotFound {
-                    "no JetStream stream captures this subject".to_owned()
+                    PublishError::NoStream
                 } else {
-                    e.to_string()
+                    PublishError::Ack(e.to_string())
                 }
             })?;
             Ok(Published {
@@ -182,12 +204,11 @@ impl JetStreamPublisher {
                 duplicate: ack.duplicate,
             })
         });
-        let results: Vec<Result<Published, String>> = join_all(acks).await;
-        if results.iter().any(|r| {
-            r.as_ref()
-                .err()
-                .is_some_and(|e| e.contains("no JetStream stream"))
-        }) {
+        let results: Vec<Result<Published, PublishError>> = join_all(acks).await;
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(PublishError::NoStream)))
+        {
             // The stream was deleted under us: create it again before the next batch.
             *self.stream_ready.lock().await = false;
         }

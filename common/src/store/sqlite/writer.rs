@@ -405,7 +405,7 @@ fn run_writer(conn: Connection, jobs: &mpsc::Receiver<Box<dyn Job>>, shared: &Sh
         let outcome = leave_failed_transaction(&conn)
             .and_then(|()| set_synchronous(&conn, &mut synchronous, level))
             .and_then(|()| run_group(&conn, &mut group, &shared.options, &mut events));
-        let outcome = outcome.map_err(|e| crate::store::error_chain(&e));
+        let outcome = outcome.map_err(|e| crate::error_chain(&e));
         // Hand the events over before answering: when a write returns, its event is with the
         // feed (or fresh again for the tailing one).
         if outcome.is_ok() {

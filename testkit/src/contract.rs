@@ -1,14 +1,15 @@
 //! The store contract: one suite, generic over [`Store`], that every adapter must pass.
-//! SQLite runs it in this crate's tests; MongoDB runs it whenever `TICKETS_TEST_MONGO_URI` is set.
+//! SQLite runs it in `common/tests/sqlite_contract.rs`; MongoDB runs it whenever `TICKETS_TEST_MONGO_URI` is set.
 //! Each check takes a fresh, empty store whose new events are reserved for the change feed for
 //! 30 s (the default `OUTBOX_LOCK_SECS`).
 
-use super::{AlertKind, Lease, Page, Store, UpdateOutcome};
-use crate::domain::{EventId, NewTicket, Price, Subject, TicketChanges, TicketId, Title, UserId};
+use common::outbox::{AlertKind, Claimer, FailedAttempt, Lease};
+use common::store::{Page, Store, UpdateOutcome};
+use common::{EventId, NewTicket, Price, Subject, TicketChanges, TicketId, Title, UserId};
 use futures::StreamExt;
 use futures::future::BoxFuture;
-use serde_json::json;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 /// The single list of contract checks: expands `$callback!($($pre)* check, check, ...)`, so the
 /// per-test macro below and the [`CHECKS`] table are generated from one list.
@@ -28,6 +29,7 @@ macro_rules! __store_contract_checks {
             release_needs_the_lease,
             pending_versions_lists_the_outbox_per_ticket,
             change_feed_sees_commits_in_order,
+            fresh_events_are_handed_out_claimed_in_commit_order,
             alerts_are_claimed_once,
             stats_and_operator_commands,
             concurrent_claims_each_get_a_full_batch_while_enough_are_due,
@@ -50,7 +52,7 @@ macro_rules! store_contract_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 match $make.await {
-                    Some((store, _guard)) => $crate::store::contract::$name(&store).await,
+                    Some((store, _guard)) => $crate::contract::$name(&store).await,
                     None => eprintln!("skipped {}: adapter not available here", stringify!($name)),
                 }
             }
@@ -74,16 +76,16 @@ crate::__store_contract_checks!([checks_table]());
 
 fn new_ticket(title: &str, price: f64, user: &str) -> NewTicket {
     NewTicket {
-        title: Title::parse(Some(&json!(title))).expect("valid title"),
-        price: Price::parse(Some(&json!(price)), "bad price").expect("valid price"),
+        title: Title::parse(title).expect("valid title"),
+        price: Price::new(price).expect("valid price"),
         user_id: UserId::parse(user).expect("valid user"),
     }
 }
 
 fn changes(title: &str, price: f64) -> TicketChanges {
     TicketChanges {
-        title: Title::parse(Some(&json!(title))).expect("valid title"),
-        price: Price::parse(Some(&json!(price)), "bad price").expect("valid price"),
+        title: Title::parse(title).expect("valid title"),
+        price: Price::new(price).expect("valid price"),
     }
 }
 
@@ -245,7 +247,11 @@ pub async fn sweep_claims_only_unlocked_or_expired(store: &dyn Store) {
         .await
         .expect("c");
     store
-        .record_failure(&[events[1].id], &failing, "nats down", 5)
+        .fail(
+            &[events[1].id],
+            &failing,
+            &FailedAttempt::new("nats down", 5),
+        )
         .await
         .expect("fail");
     store
@@ -277,7 +283,7 @@ pub async fn failures_unlock_keep_last_ten_and_alert_once(store: &dyn Store) {
     let first = lease("feed");
     assert_eq!(store.claim_fresh(&[id], &first).await.expect("c").len(), 1);
     let alerted = store
-        .record_failure(&[id], &first, "error 1", 3)
+        .fail(&[id], &first, &FailedAttempt::new("error 1", 3))
         .await
         .expect("fail");
     assert!(alerted.is_empty());
@@ -287,7 +293,7 @@ pub async fn failures_unlock_keep_last_ten_and_alert_once(store: &dyn Store) {
         let claimed = store.claim_due(10, &l).await.expect("due");
         assert_eq!(claimed.len(), 1, "attempt {n}");
         let alerted = store
-            .record_failure(&[id], &l, &format!("error {n}"), 3)
+            .fail(&[id], &l, &FailedAttempt::new(format!("error {n}"), 3))
             .await
             .expect("fail");
         alert_count += alerted.len();
@@ -305,7 +311,7 @@ pub async fn failures_unlock_keep_last_ten_and_alert_once(store: &dyn Store) {
     assert!(e.alerted_at.is_some());
     // A failure reported under a lease that is no longer held changes nothing.
     let stale = store
-        .record_failure(&[id], &first, "late", 3)
+        .fail(&[id], &first, &FailedAttempt::new("late", 3))
         .await
         .expect("fail");
     assert!(stale.is_empty());
@@ -334,7 +340,7 @@ pub async fn complete_deletes_and_resolves_alerted(store: &dyn Store) {
     let l = lease("w");
     store.claim_fresh(&[quiet, alerted], &l).await.expect("c");
     store
-        .record_failure(&[alerted], &l, "boom", 1)
+        .fail(&[alerted], &l, &FailedAttempt::new("boom", 1))
         .await
         .expect("fail");
     let fired = store.claim_alerts(10, &lease("a")).await.expect("alerts");
@@ -399,8 +405,8 @@ pub async fn pending_versions_lists_the_outbox_per_ticket(store: &dyn Store) {
 }
 
 pub async fn change_feed_sees_commits_in_order(store: &dyn Store) {
-    let start = store.load_feed_position().await.expect("load");
-    let mut feed = store.change_feed(start).await.expect("feed");
+    let start = store.load_position().await.expect("load");
+    let mut feed = store.changes(start).await.expect("feed");
     let mut created = Vec::new();
     for i in 0..3 {
         store
@@ -424,9 +430,9 @@ pub async fn change_feed_sees_commits_in_order(store: &dyn Store) {
     }
     assert_eq!(seen, created);
     let last = last.expect("a position");
-    store.save_feed_position(&last).await.expect("save");
+    store.save_position(&last).await.expect("save");
     assert_eq!(
-        store.load_feed_position().await.expect("load"),
+        store.load_position().await.expect("load"),
         Some(last.clone())
     );
     // Resuming from the saved position yields only what came after it.
@@ -435,7 +441,7 @@ pub async fn change_feed_sees_commits_in_order(store: &dyn Store) {
         .create_ticket(&new_ticket("late", 1.0, "u"))
         .await
         .expect("create");
-    let mut resumed = store.change_feed(Some(last)).await.expect("feed");
+    let mut resumed = store.changes(Some(last)).await.expect("feed");
     let next = tokio::time::timeout(Duration::from_secs(10), resumed.next())
         .await
         .expect("resumed feed must deliver")
@@ -444,11 +450,70 @@ pub async fn change_feed_sees_commits_in_order(store: &dyn Store) {
     assert!(!created.contains(&next.event_id));
 }
 
+/// The first attempt's way in, whatever the store's mechanism: each event committed after
+/// `subscribe` comes out once, in commit order, already claimed for the subscriber (so no
+/// sweep and no other replica takes it); a stop ends the feed.
+pub async fn fresh_events_are_handed_out_claimed_in_commit_order(store: &dyn Store) {
+    let claimer = Claimer::new("feed", Duration::from_secs(30));
+    let stop = CancellationToken::new();
+    let mut feed = store
+        .subscribe(&claimer, stop.clone())
+        .await
+        .expect("subscribe");
+    for i in 0..3 {
+        store
+            .create_ticket(&new_ticket(&format!("t{i}"), 1.0, "u"))
+            .await
+            .expect("create");
+    }
+    let created: Vec<EventId> = store
+        .list_events(10, None)
+        .await
+        .expect("list")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    let mut seen = Vec::new();
+    while seen.len() < created.len() {
+        let batch = tokio::time::timeout(Duration::from_secs(10), feed.next())
+            .await
+            .expect("the feed must deliver within 10 s")
+            .expect("not stopped")
+            .expect("a batch");
+        assert!(!batch.is_empty(), "a batch is never empty");
+        let token = batch.lease().token.clone();
+        assert!(token.starts_with("feed/"), "{token}");
+        for e in batch.events() {
+            assert!(e.is_locked);
+            assert_eq!(e.locked_by.as_deref(), Some(token.as_str()));
+        }
+        assert!(
+            store
+                .claim_due(10, &lease("sweeper"))
+                .await
+                .expect("due")
+                .is_empty(),
+            "what the feed holds is not due"
+        );
+        let ids: Vec<EventId> = batch.events().iter().map(|e| e.id).collect();
+        batch.complete(&ids).await.expect("complete");
+        seen.extend(ids);
+    }
+    assert_eq!(seen, created, "each once, in commit order");
+    assert!(store.list_events(10, None).await.expect("list").is_empty());
+    stop.cancel();
+    assert!(feed.next().await.is_none(), "a stop ends the feed");
+    feed.close().await;
+}
+
 pub async fn alerts_are_claimed_once(store: &dyn Store) {
     let id = one_event(store).await;
     let l = lease("w");
     store.claim_fresh(&[id], &l).await.expect("c");
-    store.record_failure(&[id], &l, "boom", 1).await.expect("f");
+    store
+        .fail(&[id], &l, &FailedAttempt::new("boom", 1))
+        .await
+        .expect("f");
     let a = store.claim_alerts(10, &lease("a")).await.expect("claim");
     let b = store.claim_alerts(10, &lease("b")).await.expect("claim");
     assert_eq!((a.len(), b.len()), (1, 0));
@@ -472,7 +537,7 @@ pub async fn stats_and_operator_commands(store: &dyn Store) {
     let l = lease("w");
     store.claim_fresh(&[events[0].id], &l).await.expect("c");
     store
-        .record_failure(&[events[0].id], &l, "boom", 1)
+        .fail(&[events[0].id], &l, &FailedAttempt::new("boom", 1))
         .await
         .expect("f");
     let stats = store.outbox_stats(1).await.expect("stats");
@@ -542,7 +607,7 @@ pub async fn a_stale_failure_report_raises_no_alert(store: &dyn Store) {
     let old = lease("old-holder");
     assert_eq!(store.claim_fresh(&[id], &old).await.expect("c").len(), 1);
     let alerted = store
-        .record_failure(&[id], &old, "error 1", 5)
+        .fail(&[id], &old, &FailedAttempt::new("error 1", 5))
         .await
         .expect("fail");
     assert!(alerted.is_empty());
@@ -550,7 +615,7 @@ pub async fn a_stale_failure_report_raises_no_alert(store: &dyn Store) {
     assert_eq!(store.claim_due(10, &holder).await.expect("due").len(), 1);
     // The old holder reports again, with a threshold the event has reached: nothing happens.
     let stale = store
-        .record_failure(&[id], &old, "late", 1)
+        .fail(&[id], &old, &FailedAttempt::new("late", 1))
         .await
         .expect("fail");
     assert!(stale.is_empty(), "a stale report must not alert: {stale:?}");
@@ -567,7 +632,7 @@ pub async fn a_stale_failure_report_raises_no_alert(store: &dyn Store) {
     );
     // The holder's report alerts, once, with the event as it stands after this failure.
     let alerted = store
-        .record_failure(&[id], &holder, "error 2", 1)
+        .fail(&[id], &holder, &FailedAttempt::new("error 2", 1))
         .await
         .expect("fail");
     assert_eq!(alerted.len(), 1);

@@ -1,0 +1,256 @@
+//! The outbox's decisions, as plain functions: what a new event looks like, what a failed
+//! attempt does to an event, when a human is alerted and when told it is over. Both stores call
+//! these inside their own atomic step and store what they return; the tests here run them on
+//! every build, whatever store a machine can run.
+
+use crate::domain::{EventId, FAILURES_KEPT, Failure, OutboxEvent, Subject, Ticket};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::Duration;
+
+/// Now, to the millisecond: what both stores keep of a time (SQLite's text, a BSON date), so
+/// an event returned by a write equals the event read back.
+pub fn now() -> DateTime<Utc> {
+    let t = Utc::now();
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
+}
+
+/// The event a ticket write commits with the ticket: fresh, that is locked with no holder, so
+/// that for `fresh_lock` only a change feed's first attempt takes it; after that the sweep may.
+pub fn fresh_event(subject: Subject, ticket: &Ticket, fresh_lock: Duration) -> OutboxEvent {
+    OutboxEvent::for_ticket(
+        subject,
+        ticket,
+        now(),
+        chrono::Duration::from_std(fresh_lock).unwrap_or(chrono::Duration::MAX),
+    )
+}
+
+/// Whether an event a feed was handed can still be published under its claim: at least `margin`
+/// of it is left. One that waited longer could lose its claim to a sweep while being published
+/// (the sweep would publish it too), so it goes back to the sweep instead.
+pub fn claim_left(event: &OutboxEvent, now: DateTime<Utc>, margin: Duration) -> bool {
+    let margin = chrono::Duration::from_std(margin).unwrap_or(chrono::Duration::MAX);
+    event.locked_until - now >= margin
+}
+
+/// A publish attempt that failed, with the threshold at which an event asks for a human.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FailedAttempt {
+    pub failure: Failure,
+    /// `ALERT_THRESHOLD`: failed attempts after which an event alerts.
+    pub alert_threshold: i64,
+}
+
+impl FailedAttempt {
+    /// An attempt that failed now with `error`.
+    pub fn new(error: impl Into<String>, alert_threshold: i64) -> Self {
+        Self {
+            failure: Failure {
+                at: now(),
+                error: error.into(),
+            },
+            alert_threshold,
+        }
+    }
+
+    /// The failure rule, for an event this attempt held: the failure is appended (the last
+    /// [`FAILURES_KEPT`] are kept), the attempt counted, the event unlocked and due at once, and
+    /// when its attempts reach the threshold for the first time it is marked alerted and the
+    /// "firing" alert returned, for the store to queue in the same atomic step.
+    pub fn apply(&self, event: &mut OutboxEvent) -> Option<Alert> {
+        let at = self.failure.at;
+        event.failures.push(self.failure.clone());
+        let excess = event.failures.len().saturating_sub(FAILURES_KEPT);
+        event.failures.drain(..excess);
+        event.attempts += 1;
+        event.is_locked = false;
+        event.locked_by = None;
+        event.locked_until = at;
+        if event.attempts >= self.alert_threshold && event.alerted_at.is_none() {
+            event.alerted_at = Some(at);
+            return Some(Alert::new(AlertKind::Firing, event.clone(), at));
+        }
+        None
+    }
+}
+
+/// Delivered at last: the "resolved" alert for an event that had alerted, to queue with its
+/// deletion. `None` for every other event (nobody was told it was failing).
+pub fn resolution(event: &OutboxEvent, now: DateTime<Utc>) -> Option<Alert> {
+    event
+        .alerted_at
+        .map(|_| Alert::new(AlertKind::Resolved, event.clone(), now))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AlertKind {
+    /// An event reached the alert threshold.
+    Firing,
+    /// An event that had alerted was delivered.
+    Resolved,
+}
+
+impl AlertKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AlertKind::Firing => "firing",
+            AlertKind::Resolved => "resolved",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "firing" => Some(AlertKind::Firing),
+            "resolved" => Some(AlertKind::Resolved),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for AlertKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A webhook notification waiting to be sent: alerts go through an outbox of their own, so a
+/// webhook that is down delays nothing and loses nothing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Alert {
+    /// [`Alert::id_of`]: queueing the same alert twice is a no-op.
+    pub id: String,
+    pub kind: AlertKind,
+    /// The event as it was when the alert was queued.
+    pub event: OutboxEvent,
+    pub created_at: DateTime<Utc>,
+    pub attempts: i64,
+}
+
+impl Alert {
+    pub fn new(kind: AlertKind, event: OutboxEvent, now: DateTime<Utc>) -> Self {
+        Self {
+            id: Self::id_of(event.id, kind),
+            kind,
+            event,
+            created_at: now,
+            attempts: 0,
+        }
+    }
+
+    /// `{eventId}:{kind}`: one alert of each kind per event.
+    pub fn id_of(event: EventId, kind: AlertKind) -> String {
+        format!("{event}:{kind}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::TicketId;
+
+    fn event() -> OutboxEvent {
+        let ticket = Ticket {
+            id: TicketId::new(),
+            title: "concert".into(),
+            price: 20.0,
+            user_id: "u1".into(),
+            version: 0,
+            order_id: None,
+        };
+        let mut e = fresh_event(Subject::TicketCreated, &ticket, Duration::from_secs(30));
+        e.locked_by = Some("worker/1".into());
+        e
+    }
+
+    #[test]
+    fn a_fresh_event_is_locked_for_the_feed_by_nobody_in_milliseconds() {
+        let e = fresh_event(
+            Subject::TicketUpdated,
+            &Ticket {
+                id: TicketId::new(),
+                title: "t".into(),
+                price: 1.0,
+                user_id: "u".into(),
+                version: 3,
+                order_id: Some("o".into()),
+            },
+            Duration::from_secs(30),
+        );
+        assert!(e.is_locked && e.locked_by.is_none());
+        assert_eq!(e.locked_until - e.created_at, chrono::Duration::seconds(30));
+        assert_eq!(e.created_at.timestamp_subsec_nanos() % 1_000_000, 0);
+        assert_eq!((e.version, e.attempts, e.alerted_at), (3, 0, None));
+    }
+
+    #[test]
+    fn a_failure_unlocks_counts_and_keeps_the_last_ten() {
+        let mut e = event();
+        for n in 1..=12 {
+            let alert = FailedAttempt::new(format!("error {n}"), 100).apply(&mut e);
+            assert!(alert.is_none());
+        }
+        assert_eq!(e.attempts, 12);
+        assert_eq!(e.failures.len(), FAILURES_KEPT);
+        assert_eq!(e.failures[0].error, "error 3");
+        assert_eq!(e.last_error(), Some("error 12"));
+        assert!(!e.is_locked && e.locked_by.is_none());
+        assert_eq!(e.locked_until, e.failures[9].at, "due at once");
+    }
+
+    #[test]
+    fn an_event_alerts_once_when_its_attempts_reach_the_threshold() {
+        let mut e = event();
+        let fired: Vec<Alert> = (0..6)
+            .filter_map(|n| FailedAttempt::new(format!("error {n}"), 3).apply(&mut e))
+            .collect();
+        assert_eq!(fired.len(), 1, "one alert per event, not one per attempt");
+        let alert = &fired[0];
+        assert_eq!(alert.kind, AlertKind::Firing);
+        assert_eq!(alert.id, format!("{}:firing", e.id));
+        assert_eq!(
+            alert.event.attempts, 3,
+            "the event as it stood when it fired"
+        );
+        assert_eq!(alert.event.last_error(), Some("error 2"));
+        assert_eq!(e.alerted_at, Some(alert.created_at));
+        // A threshold already passed alerts at the next failure of an event that never alerted.
+        let mut late = event();
+        late.attempts = 7;
+        assert!(FailedAttempt::new("x", 3).apply(&mut late).is_some());
+    }
+
+    #[test]
+    fn only_an_event_that_alerted_resolves() {
+        let mut e = event();
+        assert!(resolution(&e, now()).is_none());
+        FailedAttempt::new("down", 1).apply(&mut e);
+        let resolved = resolution(&e, now()).expect("it had alerted");
+        assert_eq!(resolved.kind, AlertKind::Resolved);
+        assert_eq!(resolved.id, format!("{}:resolved", e.id));
+    }
+
+    #[test]
+    fn alert_kinds_are_spelled_and_read_one_way() {
+        for kind in [AlertKind::Firing, AlertKind::Resolved] {
+            assert_eq!(AlertKind::parse(kind.as_str()), Some(kind));
+            assert_eq!(
+                serde_json::to_value(kind).expect("json"),
+                serde_json::json!(kind.as_str())
+            );
+        }
+        assert_eq!(AlertKind::parse("pending"), None);
+    }
+
+    #[test]
+    fn an_event_handed_over_late_has_too_little_claim_left() {
+        let e = event();
+        let margin = Duration::from_secs(15);
+        assert!(claim_left(&e, e.created_at, margin));
+        let late = e.created_at + chrono::Duration::seconds(16);
+        assert!(!claim_left(&e, late, margin));
+    }
+}

@@ -1,0 +1,424 @@
+//! Documents to values and back. Field names are the SQLite columns' in camelCase; times are
+//! BSON dates (milliseconds, as every time the outbox makes: `outbox::rules::now`); an event's
+//! payload is stored as a document, so it is converted through a JSON value both ways.
+//!
+//! - `tickets` `{_id: ObjectId, title, price: double, userId, version: long, orderId?}`
+//! - `events` `{_id: ObjectId, subject, data: {..the ticket JSON..}, aggregateId: ObjectId,
+//!   version, isLocked, lockedUntil: date, lockedBy: string|null, failures: [{at, error}],
+//!   attempts, createdAt: date, alertedAt: date|null}`
+//! - `alerts` `{_id: "{eventId}:{kind}", kind, event: {..an events document..}, createdAt,
+//!   attempts, lockedUntil, lockedBy}`
+//! - `feed_positions` `{_id: "change-feed", position: string}`
+
+use crate::domain::{EventId, Failure, OutboxEvent, Payload, Subject, Ticket, TicketId};
+use crate::outbox::{Alert, AlertKind};
+use crate::store::StoreError;
+use bson::oid::ObjectId;
+use bson::{Bson, Document, doc};
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+
+/// A `find` limit: MongoDB takes an i64.
+pub(super) fn limit_i64(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+pub(super) fn to_bson_date(t: DateTime<Utc>) -> bson::DateTime {
+    bson::DateTime::from_millis(t.timestamp_millis())
+}
+
+fn corrupt(collection: &str, d: &Document, field: &str, what: &str) -> StoreError {
+    let id = d
+        .get("_id")
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "?".into());
+    StoreError::Corrupt(format!("{collection} {id}: field `{field}` {what}"))
+}
+
+/// Typed field access with [`StoreError::Corrupt`] naming the document and the field.
+pub(super) struct Fields<'a> {
+    collection: &'static str,
+    doc: &'a Document,
+}
+
+impl<'a> Fields<'a> {
+    pub(super) fn new(collection: &'static str, doc: &'a Document) -> Self {
+        Self { collection, doc }
+    }
+
+    pub(super) fn bad(&self, field: &str, what: &str) -> StoreError {
+        corrupt(self.collection, self.doc, field, what)
+    }
+
+    pub(super) fn get(&self, field: &str) -> Result<&'a Bson, StoreError> {
+        self.doc
+            .get(field)
+            .ok_or_else(|| self.bad(field, "is missing"))
+    }
+
+    /// `None` when missing or null.
+    pub(super) fn opt(&self, field: &str) -> Option<&'a Bson> {
+        self.doc.get(field).filter(|v| !matches!(v, Bson::Null))
+    }
+
+    pub(super) fn oid(&self, field: &str) -> Result<ObjectId, StoreError> {
+        match self.get(field)? {
+            Bson::ObjectId(id) => Ok(*id),
+            _ => Err(self.bad(field, "is not an ObjectId")),
+        }
+    }
+
+    pub(super) fn str(&self, field: &str) -> Result<&'a str, StoreError> {
+        match self.get(field)? {
+            Bson::String(s) => Ok(s),
+            _ => Err(self.bad(field, "is not a string")),
+        }
+    }
+
+    pub(super) fn opt_str(&self, field: &str) -> Result<Option<String>, StoreError> {
+        match self.opt(field) {
+            None => Ok(None),
+            Some(Bson::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(self.bad(field, "is not a string")),
+        }
+    }
+
+    pub(super) fn i64(&self, field: &str) -> Result<i64, StoreError> {
+        match self.get(field)? {
+            Bson::Int64(n) => Ok(*n),
+            Bson::Int32(n) => Ok(i64::from(*n)),
+            _ => Err(self.bad(field, "is not an integer")),
+        }
+    }
+
+    pub(super) fn f64(&self, field: &str) -> Result<f64, StoreError> {
+        match self.get(field)? {
+            Bson::Double(n) => Ok(*n),
+            Bson::Int32(n) => Ok(f64::from(*n)),
+            Bson::Int64(n) => Ok(*n as f64),
+            _ => Err(self.bad(field, "is not a number")),
+        }
+    }
+
+    pub(super) fn bool(&self, field: &str) -> Result<bool, StoreError> {
+        match self.get(field)? {
+            Bson::Boolean(b) => Ok(*b),
+            _ => Err(self.bad(field, "is not a boolean")),
+        }
+    }
+
+    pub(super) fn date(&self, field: &str) -> Result<DateTime<Utc>, StoreError> {
+        match self.get(field)? {
+            Bson::DateTime(t) => Ok(t.to_chrono()),
+            _ => Err(self.bad(field, "is not a date")),
+        }
+    }
+
+    pub(super) fn opt_date(&self, field: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        match self.opt(field) {
+            None => Ok(None),
+            Some(Bson::DateTime(t)) => Ok(Some(t.to_chrono())),
+            Some(_) => Err(self.bad(field, "is not a date")),
+        }
+    }
+
+    pub(super) fn doc(&self, field: &str) -> Result<&'a Document, StoreError> {
+        match self.get(field)? {
+            Bson::Document(d) => Ok(d),
+            _ => Err(self.bad(field, "is not a document")),
+        }
+    }
+
+    pub(super) fn array(&self, field: &str) -> Result<&'a Vec<Bson>, StoreError> {
+        match self.get(field)? {
+            Bson::Array(a) => Ok(a),
+            _ => Err(self.bad(field, "is not an array")),
+        }
+    }
+}
+
+pub(super) fn ticket_doc(t: &Ticket) -> Document {
+    let mut d = doc! {
+        "_id": t.id.object_id(),
+        "title": &t.title,
+        "price": t.price,
+        "userId": &t.user_id,
+        "version": t.version,
+    };
+    if let Some(order) = &t.order_id {
+        d.insert("orderId", order);
+    }
+    d
+}
+
+pub(super) fn ticket_from_doc(d: &Document) -> Result<Ticket, StoreError> {
+    let f = Fields::new("tickets", d);
+    Ok(Ticket {
+        id: TicketId::from_object_id(f.oid("_id")?),
+        title: f.str("title")?.to_owned(),
+        price: f.f64("price")?,
+        user_id: f.str("userId")?.to_owned(),
+        version: f.i64("version")?,
+        order_id: f.opt_str("orderId")?,
+    })
+}
+
+pub(super) fn event_doc(e: &OutboxEvent) -> Document {
+    let mut d = doc! {
+        "_id": e.id.object_id(),
+        "subject": e.subject.as_str(),
+        "data": json_to_bson(&e.data.to_value()),
+        "aggregateId": e.aggregate_id.object_id(),
+        "version": e.version,
+        "createdAt": to_bson_date(e.created_at),
+    };
+    d.extend(event_state(e));
+    d
+}
+
+/// The fields of an event that its claims and attempts change (a failure writes all of them).
+pub(super) fn event_state(e: &OutboxEvent) -> Document {
+    let failures: Vec<Bson> = e
+        .failures
+        .iter()
+        .map(|f| Bson::Document(doc! {"at": to_bson_date(f.at), "error": &f.error}))
+        .collect();
+    doc! {
+        "isLocked": e.is_locked,
+        "lockedUntil": to_bson_date(e.locked_until),
+        "lockedBy": e.locked_by.clone().map_or(Bson::Null, Bson::String),
+        "failures": failures,
+        "attempts": e.attempts,
+        "alertedAt": e.alerted_at.map_or(Bson::Null, |t| Bson::DateTime(to_bson_date(t))),
+    }
+}
+
+pub(super) fn event_from_doc(d: &Document) -> Result<OutboxEvent, StoreError> {
+    let f = Fields::new("events", d);
+    let subject = f.str("subject")?;
+    let failures = f
+        .array("failures")?
+        .iter()
+        .map(|item| match item {
+            Bson::Document(fd) => {
+                let ff = Fields::new("events", fd);
+                Ok(Failure {
+                    at: ff.date("at")?,
+                    error: ff.str("error")?.to_owned(),
+                })
+            }
+            _ => Err(f.bad("failures", "holds a value that is not a document")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(OutboxEvent {
+        id: EventId::from_object_id(f.oid("_id")?),
+        subject: Subject::parse(subject)
+            .ok_or_else(|| f.bad("subject", &format!("is unknown: {subject:?}")))?,
+        data: Payload::of(&bson_to_json(&Bson::Document(f.doc("data")?.clone())))
+            .map_err(|e| f.bad("data", &format!("cannot be encoded as JSON: {e}")))?,
+        aggregate_id: TicketId::from_object_id(f.oid("aggregateId")?),
+        version: f.i64("version")?,
+        is_locked: f.bool("isLocked")?,
+        locked_until: f.date("lockedUntil")?,
+        locked_by: f.opt_str("lockedBy")?,
+        failures,
+        attempts: f.i64("attempts")?,
+        created_at: f.date("createdAt")?,
+        alerted_at: f.opt_date("alertedAt")?,
+    })
+}
+
+/// A new alert's document: due at once, held by nobody.
+pub(super) fn alert_doc(a: &Alert) -> Document {
+    let created = to_bson_date(a.created_at);
+    doc! {
+        "_id": &a.id,
+        "kind": a.kind.as_str(),
+        "event": event_doc(&a.event),
+        "createdAt": created,
+        "attempts": a.attempts,
+        "lockedUntil": created,
+        "lockedBy": Bson::Null,
+    }
+}
+
+/// The upsert (filter, update) that queues an alert unless one with its id is queued already.
+pub(super) fn alert_upsert(a: &Alert) -> (Document, Document) {
+    let mut fields = alert_doc(a);
+    fields.remove("_id");
+    (doc! {"_id": &a.id}, doc! {"$setOnInsert": fields})
+}
+
+pub(super) fn alert_from_doc(d: &Document) -> Result<Alert, StoreError> {
+    let f = Fields::new("alerts", d);
+    let kind = f.str("kind")?;
+    let kind =
+        AlertKind::parse(kind).ok_or_else(|| f.bad("kind", &format!("is unknown: {kind:?}")))?;
+    Ok(Alert {
+        id: f.str("_id")?.to_owned(),
+        kind,
+        event: event_from_doc(f.doc("event")?)?,
+        created_at: f.date("createdAt")?,
+        attempts: f.i64("attempts")?,
+    })
+}
+
+/// JSON to BSON, explicitly: integers stay integers (Int64), other numbers are doubles, so the
+/// payload reads back equal to `serde_json::to_value(ticket)`.
+pub(super) fn json_to_bson(v: &serde_json::Value) -> Bson {
+    use serde_json::Value;
+    match v {
+        Value::Null => Bson::Null,
+        Value::Bool(b) => Bson::Boolean(*b),
+        Value::Number(n) => match (n.as_i64(), n.as_f64()) {
+            (Some(i), _) => Bson::Int64(i),
+            (None, Some(f)) => Bson::Double(f),
+            (None, None) => Bson::Null,
+        },
+        Value::String(s) => Bson::String(s.clone()),
+        Value::Array(items) => Bson::Array(items.iter().map(json_to_bson).collect()),
+        Value::Object(map) => Bson::Document(
+            map.iter()
+                .map(|(k, v)| (k.clone(), json_to_bson(v)))
+                .collect(),
+        ),
+    }
+}
+
+pub(super) fn bson_to_json(v: &Bson) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Bson::Null | Bson::Undefined => Value::Null,
+        Bson::Boolean(b) => Value::Bool(*b),
+        Bson::Int32(n) => Value::from(*n),
+        Bson::Int64(n) => Value::from(*n),
+        Bson::Double(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        Bson::String(s) => Value::String(s.clone()),
+        Bson::Array(items) => Value::Array(items.iter().map(bson_to_json).collect()),
+        Bson::Document(d) => Value::Object(
+            d.iter()
+                .map(|(k, v)| (k.clone(), bson_to_json(v)))
+                .collect(),
+        ),
+        Bson::ObjectId(id) => Value::String(id.to_hex()),
+        Bson::DateTime(t) => Value::String(
+            t.to_chrono()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ),
+        other => other.clone().into_relaxed_extjson(),
+    }
+}
+
+pub(super) fn object_ids<'a, I: IntoIterator<Item = &'a EventId>>(ids: I) -> Vec<ObjectId> {
+    ids.into_iter().map(EventId::object_id).collect()
+}
+
+/// `events` reordered as `order` lists their ids (any not in `order` last).
+pub(super) fn in_order_of(mut events: Vec<OutboxEvent>, order: &[ObjectId]) -> Vec<OutboxEvent> {
+    let rank: HashMap<ObjectId, usize> = order.iter().enumerate().map(|(i, id)| (*id, i)).collect();
+    events.sort_by_key(|e| rank.get(&e.id.object_id()).copied().unwrap_or(usize::MAX));
+    events
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::rules::now;
+    use serde_json::json;
+
+    fn ticket(order: Option<&str>) -> Ticket {
+        Ticket {
+            id: TicketId::new(),
+            title: "concert".into(),
+            price: 20.0,
+            user_id: "user-1".into(),
+            version: 3,
+            order_id: order.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn tickets_round_trip_with_order_id_only_when_set() {
+        for t in [ticket(None), ticket(Some("o1"))] {
+            let d = ticket_doc(&t);
+            assert_eq!(d.contains_key("orderId"), t.order_id.is_some());
+            assert!(matches!(d.get("price"), Some(Bson::Double(_))));
+            assert!(matches!(d.get("_id"), Some(Bson::ObjectId(_))));
+            assert_eq!(ticket_from_doc(&d).expect("parse"), t);
+        }
+    }
+
+    #[test]
+    fn events_round_trip_and_payload_equals_the_ticket_json() {
+        let t = ticket(Some("o1"));
+        let mut e = OutboxEvent::for_ticket(
+            Subject::TicketUpdated,
+            &t,
+            now(),
+            chrono::Duration::seconds(30),
+        );
+        e.failures.push(Failure {
+            at: now(),
+            error: "nats down".into(),
+        });
+        e.alerted_at = Some(now());
+        e.locked_by = Some("w/1".into());
+        let d = event_doc(&e);
+        assert!(matches!(d.get("aggregateId"), Some(Bson::ObjectId(_))));
+        assert!(matches!(d.get("lockedUntil"), Some(Bson::DateTime(_))));
+        let data = d.get_document("data").expect("data is a document");
+        assert!(matches!(data.get("id"), Some(Bson::String(_))));
+        let back = event_from_doc(&d).expect("parse");
+        assert_eq!(back, e);
+        assert_eq!(
+            back.data.to_value(),
+            serde_json::to_value(&t).expect("json")
+        );
+        // A fresh event: no holder, not alerted.
+        let fresh = OutboxEvent::for_ticket(
+            Subject::TicketCreated,
+            &ticket(None),
+            now(),
+            chrono::Duration::seconds(30),
+        );
+        let d = event_doc(&fresh);
+        assert_eq!(d.get("lockedBy"), Some(&Bson::Null));
+        assert_eq!(d.get("alertedAt"), Some(&Bson::Null));
+        assert_eq!(event_from_doc(&d).expect("parse"), fresh);
+    }
+
+    #[test]
+    fn alerts_round_trip() {
+        let e = OutboxEvent::for_ticket(
+            Subject::TicketCreated,
+            &ticket(None),
+            now(),
+            chrono::Duration::seconds(30),
+        );
+        let a = Alert::new(AlertKind::Firing, e, now());
+        let d = alert_doc(&a);
+        assert_eq!(d.get_str("_id").expect("id"), a.id);
+        assert_eq!(d.get("lockedUntil"), d.get("createdAt"));
+        assert_eq!(alert_from_doc(&d).expect("parse"), a);
+    }
+
+    #[test]
+    fn corrupt_documents_name_the_field() {
+        let mut d = ticket_doc(&ticket(None));
+        d.insert("version", "three");
+        let err = ticket_from_doc(&d).expect_err("corrupt");
+        assert!(err.to_string().contains("`version`"), "{err}");
+    }
+
+    #[test]
+    fn json_numbers_keep_their_kind() {
+        let v = json!({"i": 3, "f": 2.5, "whole": 20.0, "n": null, "a": [1, "x"], "neg": -4});
+        assert_eq!(bson_to_json(&json_to_bson(&v)), v);
+    }
+
+    #[test]
+    fn the_outbox_times_survive_a_bson_date() {
+        let t = now();
+        assert_eq!(to_bson_date(t).to_chrono(), t);
+    }
+}

@@ -1,0 +1,342 @@
+//! Claims and outcomes of the outbox, and the queue of alerts.
+
+use super::MongoStore;
+use super::codec::{
+    Fields, alert_from_doc, alert_upsert, event_from_doc, event_state, in_order_of, object_ids,
+    to_bson_date,
+};
+use super::errors::Facts;
+use crate::domain::{EventId, OutboxEvent, TicketId};
+use crate::outbox::{Alert, FailedAttempt, Lease, rules};
+use crate::store::{AlertQueue, Outbox, PendingVersion, StoreError};
+use bson::oid::ObjectId;
+use bson::{Bson, Document, doc};
+use futures::FutureExt;
+use std::collections::HashMap;
+
+/// Rounds of one `claim_due` while concurrent claimers keep taking its candidates.
+const CLAIM_ROUNDS: usize = 16;
+
+impl MongoStore {
+    /// Locks those of `ids` that still match `condition` under `lease`, and returns them in the
+    /// order of `ids`. Each document's update is atomic and re-checks the filter, so of several
+    /// claimers exactly one matches each event; the token is unique per claim, so what carries it
+    /// is what this claim won.
+    async fn claim_ids(
+        &self,
+        op: &'static str,
+        ids: &[ObjectId],
+        condition: Document,
+        lease: &Lease,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        let mut filter = doc! {"_id": {"$in": ids}};
+        filter.extend(condition);
+        self.events
+            .update_many(
+                filter,
+                doc! {"$set": {
+                    "isLocked": true,
+                    "lockedBy": &lease.token,
+                    "lockedUntil": to_bson_date(lease.until),
+                }},
+            )
+            .await
+            .map_err(|e| StoreError::backend(op, e))?;
+        let claimed = self
+            .find_events(op, doc! {"_id": {"$in": ids}, "lockedBy": &lease.token})
+            .await?;
+        Ok(in_order_of(claimed, ids))
+    }
+
+    /// Queues an alert unless one with its id is queued already (then this is a no-op).
+    async fn queue_alert(&self, op: &'static str, alert: &Alert) -> Result<(), StoreError> {
+        let (filter, update) = alert_upsert(alert);
+        let result = self.alerts.update_one(filter, update).upsert(true).await;
+        match result {
+            Ok(_) => Ok(()),
+            // Two upserts of one id raced: the other one queued it.
+            Err(e) if Facts::of(&e).is_duplicate_key() => Ok(()),
+            Err(e) => Err(StoreError::backend(op, e)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Outbox for MongoStore {
+    async fn claim_fresh(
+        &self,
+        ids: &[EventId],
+        lease: &Lease,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = object_ids(ids);
+        self.claim_ids(
+            "claim_fresh",
+            &ids,
+            doc! {"isLocked": true, "lockedBy": Bson::Null},
+            lease,
+        )
+        .await
+    }
+
+    async fn claim_due(&self, limit: usize, lease: &Lease) -> Result<Vec<OutboxEvent>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = rules::now();
+        // What this claim takes is no longer due once locked until `lease.until`; a lease that
+        // has already run out (only tests make one) would find the same events again.
+        let rounds = if lease.until > now { CLAIM_ROUNDS } else { 1 };
+        let now = to_bson_date(now);
+        let mut claimed = Vec::with_capacity(limit);
+        // Sweep lanes claim side by side and read the same first candidates; each document goes
+        // to one of them, so a round can come back short while more is due. Another round then
+        // reads past what was taken (claimed events are no longer due): a claim is short only
+        // when fewer events were due, as the contract says (SQLite's single writer gets that
+        // for free). Bounded, so a claim under heavy contention still returns.
+        for _ in 0..rounds {
+            let want = limit - claimed.len();
+            // Candidates: one range over `events_due`, covered (only `_id` is read).
+            let candidates: Vec<ObjectId> = self
+                .find_docs(
+                    "claim_due",
+                    &self.events,
+                    doc! {"lockedUntil": {"$lte": now}},
+                    Some(doc! {"lockedUntil": 1, "_id": 1}),
+                    Some(want),
+                    Some(doc! {"_id": 1}),
+                )
+                .await?
+                .iter()
+                .filter_map(|d| d.get_object_id("_id").ok())
+                .collect();
+            let fewer_due = candidates.len() < want;
+            if candidates.is_empty() {
+                break;
+            }
+            // Re-checked per document: a candidate another sweeper took meanwhile is not due.
+            claimed.extend(
+                self.claim_ids(
+                    "claim_due",
+                    &candidates,
+                    doc! {"lockedUntil": {"$lte": now}},
+                    lease,
+                )
+                .await?,
+            );
+            if fewer_due || claimed.len() >= limit {
+                break;
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn pending_versions(
+        &self,
+        aggregates: &[TicketId],
+    ) -> Result<Vec<PendingVersion>, StoreError> {
+        if aggregates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let oids: Vec<ObjectId> = aggregates.iter().map(TicketId::object_id).collect();
+        let docs = self
+            .find_docs(
+                "pending_versions",
+                &self.events,
+                doc! {"aggregateId": {"$in": &oids}},
+                Some(doc! {"aggregateId": 1, "version": 1}),
+                None,
+                Some(doc! {"_id": 1, "aggregateId": 1, "version": 1}),
+            )
+            .await?;
+        let mut by_aggregate: HashMap<ObjectId, Vec<PendingVersion>> = HashMap::new();
+        for d in &docs {
+            let f = Fields::new("events", d);
+            let aggregate = f.oid("aggregateId")?;
+            by_aggregate
+                .entry(aggregate)
+                .or_default()
+                .push(PendingVersion {
+                    aggregate_id: TicketId::from_object_id(aggregate),
+                    version: f.i64("version")?,
+                    event_id: EventId::from_object_id(f.oid("_id")?),
+                });
+        }
+        // Per ticket in the order asked, each by version (SQLite answers in ticket-id order;
+        // the dispatcher sorts what it gets either way).
+        Ok(oids
+            .iter()
+            .flat_map(|a| by_aggregate.get(a).cloned().unwrap_or_default())
+            .collect())
+    }
+
+    async fn complete(&self, ids: &[EventId]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let ids = object_ids(ids);
+        let now = rules::now();
+        // Resolved alerts first, then the delete: a crash in between leaves the events, and
+        // completing them again queues nothing twice (the alert id is fixed).
+        let alerted = self
+            .find_events(
+                "complete",
+                // `$type: date` (alertedAt is a date or null) matches `events_alerted`'s filter.
+                doc! {"_id": {"$in": &ids}, "alertedAt": {"$type": "date"}},
+            )
+            .await?;
+        for alert in alerted.iter().filter_map(|e| rules::resolution(e, now)) {
+            self.queue_alert("complete", &alert).await?;
+        }
+        self.events
+            .delete_many(doc! {"_id": {"$in": &ids}})
+            .await
+            .map_err(|e| StoreError::backend("complete", e))?;
+        Ok(())
+    }
+
+    async fn release(&self, ids: &[EventId], lease: &Lease) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.events
+            .update_many(
+                doc! {"_id": {"$in": object_ids(ids)}, "lockedBy": &lease.token},
+                doc! {"$set": {
+                    "isLocked": false,
+                    "lockedBy": Bson::Null,
+                    "lockedUntil": to_bson_date(rules::now()),
+                }},
+            )
+            .await
+            .map(drop)
+            .map_err(|e| StoreError::backend("release", e))
+    }
+
+    async fn fail(
+        &self,
+        ids: &[EventId],
+        lease: &Lease,
+        attempt: &FailedAttempt,
+    ) -> Result<Vec<OutboxEvent>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = object_ids(ids);
+        let (events, alerts) = (self.events.clone(), self.alerts.clone());
+        let (token, attempt) = (lease.token.clone(), attempt.clone());
+        // One transaction, as SQLite's one write: no sweeper can take the event between its
+        // unlock and its alert being queued and marked (it would deliver it without queueing
+        // the "resolved" alert), and only events this call held change or alert.
+        self.transaction("fail", move |s| {
+            let (events, alerts, ids) = (events.clone(), alerts.clone(), ids.clone());
+            let (token, attempt) = (token.clone(), attempt.clone());
+            async move {
+                // Only events still held under this lease: a late worker changes nothing.
+                let mut cursor = events
+                    .find(doc! {"_id": {"$in": &ids}, "lockedBy": &token})
+                    .session(&mut *s)
+                    .await?;
+                let mut held = Vec::new();
+                while let Some(d) = cursor.next(&mut *s).await.transpose()? {
+                    held.push(event_from_doc(&d)?);
+                }
+                let mut alerted = Vec::new();
+                for mut event in in_order_of(held, &ids) {
+                    let alert = attempt.apply(&mut event);
+                    events
+                        .update_one(
+                            doc! {"_id": event.id.object_id(), "lockedBy": &token},
+                            doc! {"$set": event_state(&event)},
+                        )
+                        .session(&mut *s)
+                        .await?;
+                    if let Some(alert) = alert {
+                        let (filter, update) = alert_upsert(&alert);
+                        alerts
+                            .update_one(filter, update)
+                            .upsert(true)
+                            .session(&mut *s)
+                            .await?;
+                        alerted.push(event);
+                    }
+                }
+                Ok(alerted)
+            }
+            .boxed()
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait]
+impl AlertQueue for MongoStore {
+    async fn claim_alerts(&self, limit: usize, lease: &Lease) -> Result<Vec<Alert>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let now = to_bson_date(rules::now());
+        let candidates: Vec<Bson> = self
+            .find_docs(
+                "claim_alerts",
+                &self.alerts,
+                doc! {"lockedUntil": {"$lte": now}},
+                Some(doc! {"lockedUntil": 1}),
+                Some(limit),
+                Some(doc! {"_id": 1}),
+            )
+            .await?
+            .into_iter()
+            .filter_map(|mut d| d.remove("_id"))
+            .collect();
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.alerts
+            .update_many(
+                doc! {"_id": {"$in": &candidates}, "lockedUntil": {"$lte": now}},
+                doc! {"$set": {"lockedBy": &lease.token, "lockedUntil": to_bson_date(lease.until)}},
+            )
+            .await
+            .map_err(|e| StoreError::backend("claim_alerts", e))?;
+        let mut alerts = self
+            .find_docs(
+                "claim_alerts",
+                &self.alerts,
+                doc! {"_id": {"$in": &candidates}, "lockedBy": &lease.token},
+                None,
+                None,
+                None,
+            )
+            .await?
+            .iter()
+            .map(alert_from_doc)
+            .collect::<Result<Vec<_>, _>>()?;
+        alerts.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        Ok(alerts)
+    }
+
+    async fn delete_alert(&self, id: &str) -> Result<(), StoreError> {
+        self.alerts
+            .delete_one(doc! {"_id": id})
+            .await
+            .map(drop)
+            .map_err(|e| StoreError::backend("delete_alert", e))
+    }
+
+    async fn release_alert(&self, id: &str) -> Result<(), StoreError> {
+        self.alerts
+            .update_one(
+                doc! {"_id": id},
+                doc! {
+                    "$inc": {"attempts": 1_i64},
+                    "$set": {"lockedUntil": to_bson_date(rules::now()), "lockedBy": Bson::Null},
+                },
+            )
+            .await
+            .map(drop)
+            .map_err(|e| StoreError::backend("release_alert", e))
+    }
+}
