@@ -44,8 +44,14 @@ pub fn require_jwt_key(key: &Option<String>) -> anyhow::Result<String> {
 
 #[derive(Debug, Clone, Args)]
 pub struct NatsSettings {
-    /// NATS server URL; the `http://` scheme of the course's manifests is accepted.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server URL; the `http://` scheme of the course's manifests is accepted. User info
+    /// (`user:password@`, `token@`) is shown redacted everywhere (`nats://user:***@host:4222`).
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
     pub nats_url: String,
     /// Name of the JetStream stream the events go to (created if missing, capturing `ticket.>`).
     #[arg(long, env = "NATS_CLUSTER_ID", default_value = "ticketing", value_parser = parse_stream_name)]

@@ -182,7 +182,7 @@ pub async fn build_delivery(
         SWEEP_BUDGET,
         shutdown.clone(),
     ));
-    tracing::info!(worker = %name, nats = %settings.nats.nats_url, stream = %settings.nats.nats_cluster_id,
+    tracing::info!(worker = %name, nats = %common::redact_url(&settings.nats.nats_url), stream = %settings.nats.nats_cluster_id,
         "outbox delivery configured");
     Ok(Delivery {
         publisher,

@@ -3,7 +3,7 @@
 //! event whose ack was lost (within the stream's duplicate window).
 
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
-use common::OutboxEvent;
+use common::{OutboxEvent, redact_url};
 use futures::future::join_all;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -78,7 +78,7 @@ impl JetStreamPublisher {
             })
             .connect(url.as_str())
             .await
-            .map_err(|e| anyhow::anyhow!("invalid NATS_URL {url:?}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("invalid NATS_URL {}: {e}", redact_url(&url)))?;
         let js = jetstream::ContextBuilder::new()
             .timeout(config.ack_timeout)
             .max_ack_inflight(5_000)
@@ -152,7 +152,7 @@ impl JetStreamPublisher {
         if !self.wait_connected(CONNECT_GRACE).await {
             let e = format!(
                 "NATS is not connected ({})",
-                normalize_url(&self.config.url)
+                redact_url(&normalize_url(&self.config.url))
             );
             return events.iter().map(|_| Err(e.clone())).collect();
         }
