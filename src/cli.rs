@@ -2,8 +2,8 @@
 
 use crate::ops::Probes;
 use crate::settings::{
-    DeliverySettings, HealthSettings, HttpSettings, RedisSettings, ScheduleSettings, StoreSettings,
-    require_jwt_key, require_lease_within_window,
+    DeliverySettings, HealthSettings, HttpSettings, NatsAuthSettings, RedisSettings,
+    ScheduleSettings, StoreSettings, require_jwt_key, require_lease_within_window,
 };
 use crate::startup::{Application, cancel_on_signal, open_store};
 use crate::telemetry;
@@ -63,6 +63,8 @@ pub struct AllArgs {
     #[command(flatten)]
     pub delivery: DeliverySettings,
     #[command(flatten)]
+    pub nats_auth: NatsAuthSettings,
+    #[command(flatten)]
     pub schedule: ScheduleSettings,
 }
 
@@ -72,6 +74,8 @@ pub struct WorkerArgs {
     pub store: StoreSettings,
     #[command(flatten)]
     pub delivery: DeliverySettings,
+    #[command(flatten)]
+    pub nats_auth: NatsAuthSettings,
     #[command(flatten)]
     pub redis: RedisSettings,
     #[command(flatten)]
@@ -154,11 +158,12 @@ pub async fn serve_all(args: AllArgs) -> anyhow::Result<()> {
     let schedule = scheduler::parse_schedule(&args.schedule.retry_schedule)?;
     let store = open_store(&args.store).await?;
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.http.port));
-    crate::startup::run_all(
+    crate::startup::run_all_with(
         addr,
         &jwt_key,
         store,
         &args.delivery,
+        &args.nats_auth.auth(),
         schedule,
         args.store.lease(),
         shutdown_on_signal(),
@@ -172,6 +177,7 @@ pub async fn serve_worker(args: WorkerArgs) -> anyhow::Result<()> {
     crate::startup::run_worker(
         store,
         &args.delivery,
+        &args.nats_auth.auth(),
         args.redis.redis_url,
         SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.health.health_port)),
         args.store.lease(),

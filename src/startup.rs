@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use worker::alerts::Alerter;
 use worker::job::SweepRunner;
-use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsConfig};
+use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsAuth, NatsConfig};
 
 /// How long in-flight requests may take to finish after a shutdown signal.
 pub const HTTP_DRAIN: Duration = Duration::from_secs(10);
@@ -147,18 +147,22 @@ pub struct Delivery {
 pub async fn build_delivery(
     store: Arc<dyn Store>,
     settings: &DeliverySettings,
+    nats_auth: &NatsAuth,
     lease: Duration,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Delivery> {
     let name = settings.nats.client_id();
     let publisher = Arc::new(
-        JetStreamPublisher::connect(NatsConfig {
-            url: settings.nats.nats_url.clone(),
-            stream: settings.nats.nats_cluster_id.clone(),
-            client_name: name.clone(),
-            duplicate_window: Duration::from_secs(settings.nats.nats_duplicate_window_secs),
-            ack_timeout: Duration::from_secs(settings.nats.nats_ack_timeout_secs),
-        })
+        JetStreamPublisher::connect_with(
+            NatsConfig {
+                url: settings.nats.nats_url.clone(),
+                stream: settings.nats.nats_cluster_id.clone(),
+                client_name: name.clone(),
+                duplicate_window: Duration::from_secs(settings.nats.nats_duplicate_window_secs),
+                ack_timeout: Duration::from_secs(settings.nats.nats_ack_timeout_secs),
+            },
+            nats_auth,
+        )
         .await?,
     );
     let dispatcher = Arc::new(Dispatcher::new(
@@ -214,7 +218,8 @@ pub async fn join_roles(
     result
 }
 
-/// `ticketing all`: the API, the change feed and the in-process retry schedule.
+/// `ticketing all`: the API, the change feed and the in-process retry schedule; NATS without a
+/// credentials file or TLS (NATS_URL's user info still authenticates).
 pub async fn run_all(
     addr: SocketAddr,
     jwt_key: &str,
@@ -224,7 +229,26 @@ pub async fn run_all(
     lease: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let d = build_delivery(store.clone(), delivery, lease, &shutdown).await?;
+    let no_auth = NatsAuth::default();
+    run_all_with(
+        addr, jwt_key, store, delivery, &no_auth, schedule, lease, shutdown,
+    )
+    .await
+}
+
+/// [`run_all`] with the NATS credentials file and TLS of `nats_auth`.
+#[allow(clippy::too_many_arguments)] // run_all's, and nats_auth
+pub async fn run_all_with(
+    addr: SocketAddr,
+    jwt_key: &str,
+    store: Arc<dyn Store>,
+    delivery: &DeliverySettings,
+    nats_auth: &NatsAuth,
+    schedule: cron::Schedule,
+    lease: Duration,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let d = build_delivery(store.clone(), delivery, nats_auth, lease, &shutdown).await?;
     let probes = Arc::new(Probes {
         role: "all",
         store: Some(store.clone()),
@@ -263,13 +287,14 @@ pub async fn run_all(
 pub async fn run_worker(
     store: Arc<dyn Store>,
     delivery: &DeliverySettings,
+    nats_auth: &NatsAuth,
     redis_url: String,
     health: SocketAddr,
     lease: Duration,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     ops::metrics_handle();
-    let d = build_delivery(store.clone(), delivery, lease, &shutdown).await?;
+    let d = build_delivery(store.clone(), delivery, nats_auth, lease, &shutdown).await?;
     let probes = Arc::new(Probes {
         role: "worker",
         store: Some(store),

@@ -2,6 +2,7 @@
 //! every message carries `Nats-Msg-Id` = the event id, so JetStream drops a re-publish of an
 //! event whose ack was lost (within the stream's duplicate window).
 
+use crate::nats_auth::NatsAuth;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use common::{OutboxEvent, redact_url};
 use futures::future::join_all;
@@ -10,7 +11,8 @@ use tokio::sync::Mutex;
 
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
-    /// `nats://host:port`; the `http://` scheme of the course's manifests is accepted.
+    /// `nats://host:port`, or several separated by commas; the `http://` scheme of the course's
+    /// manifests is accepted. User info (`user:password@`, `token@`) is sent as credentials.
     pub url: String,
     /// The JetStream stream (`NATS_CLUSTER_ID`), created on first use if missing.
     pub stream: String,
@@ -58,8 +60,13 @@ impl JetStreamPublisher {
     /// Connects in the background: a NATS server that is down now is not an error, the client
     /// keeps reconnecting and says so in the log.
     pub async fn connect(config: NatsConfig) -> anyhow::Result<Self> {
-        let url = normalize_url(&config.url);
-        let client = async_nats::ConnectOptions::new()
+        Self::connect_with(config, &NatsAuth::default()).await
+    }
+
+    /// [`Self::connect`] with a credentials file or TLS as `auth` says. The user info of
+    /// `config.url` (`user:password@` or `token@`) is sent as credentials in both.
+    pub async fn connect_with(config: NatsConfig, auth: &NatsAuth) -> anyhow::Result<Self> {
+        let options = async_nats::ConnectOptions::new()
             .name(&config.client_name)
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -75,10 +82,14 @@ impl JetStreamPublisher {
                     }
                     other => tracing::warn!(event = %other, "NATS connection event"),
                 }
-            })
-            .connect(url.as_str())
-            .await
-            .map_err(|e| anyhow::anyhow!("invalid NATS_URL {}: {e}", redact_url(&url)))?;
+            });
+        let (options, servers) = crate::nats_auth::configure(options, &config.url, auth).await?;
+        let client = options.connect(servers).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to NATS_URL {}: {e}",
+                redact_url(&config.url)
+            )
+        })?;
         let js = jetstream::ContextBuilder::new()
             .timeout(config.ack_timeout)
             .max_ack_inflight(5_000)
