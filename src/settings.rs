@@ -44,8 +44,15 @@ pub fn require_jwt_key(key: &Option<String>) -> anyhow::Result<String> {
 
 #[derive(Debug, Clone, Args)]
 pub struct NatsSettings {
-    /// NATS server URL; the `http://` scheme of the course's manifests is accepted.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    /// NATS server URL, or several separated by commas; the `http://` scheme of the course's
+    /// manifests is accepted. `user:password@` or `token@` before the host authenticates; it is
+    /// shown redacted everywhere (`nats://user:***@host:4222`).
+    #[arg(
+        long,
+        env = "NATS_URL",
+        default_value = "nats://127.0.0.1:4222",
+        hide_env_values = true
+    )]
     pub nats_url: String,
     /// Name of the JetStream stream the events go to (created if missing, capturing `ticket.>`).
     #[arg(long, env = "NATS_CLUSTER_ID", default_value = "ticketing", value_parser = parse_stream_name)]
@@ -61,6 +68,8 @@ pub struct NatsSettings {
     /// How long a publish waits for JetStream's acknowledgement, in seconds.
     #[arg(long, env = "NATS_ACK_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub nats_ack_timeout_secs: u64,
+    #[command(flatten)]
+    pub auth: NatsAuthSettings,
 }
 
 impl NatsSettings {
@@ -69,6 +78,35 @@ impl NatsSettings {
             let host = gethostname::gethostname().to_string_lossy().into_owned();
             format!("{host}-{}", std::process::id())
         })
+    }
+}
+
+/// How the delivering roles authenticate to NATS besides NATS_URL's user info, and TLS.
+#[derive(Debug, Clone, Default, Args)]
+pub struct NatsAuthSettings {
+    /// NATS credentials file (`.creds`: a user JWT and its NKey seed, for NATS accounts).
+    #[arg(long, env = "NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// CA certificates (PEM) that the NATS server's certificate is checked against, instead of
+    /// the system's. Any NATS_TLS_* setting makes TLS required.
+    #[arg(long, env = "NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a NATS server that verifies its clients; with NATS_TLS_KEY.
+    #[arg(long, env = "NATS_TLS_CERT")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of NATS_TLS_CERT.
+    #[arg(long, env = "NATS_TLS_KEY")]
+    pub nats_tls_key: Option<PathBuf>,
+}
+
+impl NatsAuthSettings {
+    pub fn auth(&self) -> worker::NatsAuth {
+        worker::NatsAuth {
+            creds: self.nats_creds.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            tls_cert: self.nats_tls_cert.clone(),
+            tls_key: self.nats_tls_key.clone(),
+        }
     }
 }
 

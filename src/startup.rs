@@ -179,6 +179,7 @@ pub async fn build_delivery(
     let publisher = Arc::new(
         JetStreamPublisher::connect(NatsConfig {
             url: settings.nats.nats_url.clone(),
+            auth: settings.nats.auth.auth(),
             stream: settings.nats.nats_cluster_id.clone(),
             client_name: name.clone(),
             duplicate_window: Duration::from_secs(settings.nats.nats_duplicate_window_secs),
@@ -207,7 +208,7 @@ pub async fn build_delivery(
         SWEEP_BUDGET,
         shutdown.clone(),
     ));
-    tracing::info!(worker = %name, nats = %settings.nats.nats_url, stream = %settings.nats.nats_cluster_id,
+    tracing::info!(worker = %name, nats = %common::redact_url(&settings.nats.nats_url), stream = %settings.nats.nats_cluster_id,
         "outbox delivery configured");
     Ok(Delivery {
         publisher,

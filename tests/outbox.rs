@@ -19,6 +19,7 @@ const STREAM: &str = "ticketing";
 async fn publisher(nats: &NatsServer, name: &str) -> Arc<JetStreamPublisher> {
     let p = JetStreamPublisher::connect(NatsConfig {
         url: nats.url(),
+        auth: Default::default(),
         stream: STREAM.into(),
         client_name: name.into(),
         duplicate_window: Duration::from_secs(120),

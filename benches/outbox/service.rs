@@ -14,6 +14,7 @@ pub(crate) fn delivery_settings(url: &str, client: &str) -> DeliverySettings {
             nats_client_id: Some(client.to_owned()),
             nats_duplicate_window_secs: 120,
             nats_ack_timeout_secs: 5,
+            auth: Default::default(),
         },
         alert_webhook_url: None,
         alert_threshold: 5,
@@ -264,6 +265,7 @@ pub(crate) async fn wait_listening(
 pub(crate) async fn ready_publisher(url: &str, name: &str) -> anyhow::Result<JetStreamPublisher> {
     let publisher = JetStreamPublisher::connect(NatsConfig {
         url: url.to_owned(),
+        auth: Default::default(),
         stream: STREAM.to_owned(),
         client_name: name.to_owned(),
         duplicate_window: Duration::from_secs(120),

@@ -1,12 +1,14 @@
 //! The shared library of the tickets service: the domain (tickets, outbox events, subjects),
-//! the outbox's rules (`outbox`), and the store's capabilities with their adapters (`store`).
-//! Mirrors the course's `common` package.
+//! the outbox's rules (`outbox`), the store's capabilities with their adapters (`store`), and
+//! the redaction of connection strings for display (`redact`). Mirrors the course's `common`
+//! package.
 
 pub mod backoff;
 pub mod domain;
 pub mod errors;
 pub mod jobs;
 pub mod outbox;
+pub mod redact;
 pub mod store;
 
 pub use domain::{
@@ -14,4 +16,5 @@ pub use domain::{
     TicketChanges, TicketId, Title, TitleError, UserId,
 };
 pub use errors::error_chain;
+pub use redact::redact_url;
 pub use store::{Store, StoreError};

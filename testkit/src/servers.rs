@@ -104,6 +104,12 @@ pub struct NatsServer {
 
 impl NatsServer {
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_with(&[])
+    }
+
+    /// [`Self::start`] with `extra` arguments for nats-server (`--user alice --pass ...`,
+    /// `--auth TOKEN`, TLS), kept across restarts.
+    pub fn start_with(extra: &[&str]) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let store = dir.path().join("jetstream");
@@ -118,7 +124,10 @@ impl NatsServer {
                 port.to_string(),
                 "-sd".into(),
                 store.display().to_string(),
-            ],
+            ]
+            .into_iter()
+            .chain(extra.iter().map(|a| a.to_string()))
+            .collect(),
             port,
             child: None,
             log: dir.path().join("nats.log"),

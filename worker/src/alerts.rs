@@ -82,7 +82,8 @@ impl Alerter {
             .json(&payload(alert))
             .send()
             .await
-            .map_err(|e| common::error_chain(&e))?;
+            // Without the URL: a Slack webhook's URL is itself a secret.
+            .map_err(|e| common::error_chain(&e.without_url()))?;
         if res.status().is_success() {
             Ok(())
         } else {

@@ -5,7 +5,9 @@ pub mod alerts;
 pub mod dispatch;
 pub mod feed;
 pub mod job;
+pub mod nats_auth;
 pub mod publisher;
 
 pub use dispatch::{DispatchConfig, Dispatcher, Outcome, Path};
+pub use nats_auth::NatsAuth;
 pub use publisher::{JetStreamPublisher, NatsConfig};

@@ -2,18 +2,22 @@
 //! every message carries `Nats-Msg-Id` = the event id, so JetStream drops a re-publish of an
 //! event whose ack was lost (within the stream's duplicate window).
 
+use crate::nats_auth::NatsAuth;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
-use common::OutboxEvent;
+use common::{OutboxEvent, redact_url};
 use futures::future::join_all;
 use std::time::Duration;
 use tokio::sync::Mutex;
 
 #[derive(Debug, Clone)]
 pub struct NatsConfig {
-    /// `nats://host:port`; the `http://` scheme of the course's manifests is accepted.
+    /// `nats://host:port`, or several separated by commas; the `http://` scheme of the course's
+    /// manifests is accepted. User info (`user:password@`, `token@`) is sent as credentials.
     pub url: String,
     /// The JetStream stream (`NATS_CLUSTER_ID`), created on first use if missing.
     pub stream: String,
+    /// A credentials file and TLS, besides the URL's user info.
+    pub auth: NatsAuth,
     /// The connection name (`NATS_CLIENT_ID`).
     pub client_name: String,
     /// How long JetStream remembers a `Nats-Msg-Id` to drop duplicates.
@@ -77,9 +81,10 @@ pub struct JetStreamPublisher {
 impl JetStreamPublisher {
     /// Connects in the background: a NATS server that is down now is not an error, the client
     /// keeps reconnecting and says so in the log.
+    /// The user info of `config.url` (`user:password@` or `token@`) is sent as credentials, with
+    /// the credentials file and TLS of `config.auth`.
     pub async fn connect(config: NatsConfig) -> anyhow::Result<Self> {
-        let url = normalize_url(&config.url);
-        let client = async_nats::ConnectOptions::new()
+        let options = async_nats::ConnectOptions::new()
             .name(&config.client_name)
             .retry_on_initial_connect()
             .max_reconnects(None)
@@ -95,10 +100,15 @@ impl JetStreamPublisher {
                     }
                     other => tracing::warn!(event = %other, "NATS connection event"),
                 }
-            })
-            .connect(url.as_str())
-            .await
-            .map_err(|e| anyhow::anyhow!("invalid NATS_URL {url:?}: {e}"))?;
+            });
+        let (options, servers) =
+            crate::nats_auth::configure(options, &config.url, &config.auth).await?;
+        let client = options.connect(servers).await.map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to NATS_URL {}: {e}",
+                redact_url(&config.url)
+            )
+        })?;
         let js = jetstream::ContextBuilder::new()
             .timeout(config.ack_timeout)
             .max_ack_inflight(5_000)
@@ -174,7 +184,7 @@ impl JetStreamPublisher {
     ) -> Vec<Result<Published, PublishError>> {
         if !self.wait_connected(CONNECT_GRACE).await {
             let e = PublishError::NotConnected {
-                url: normalize_url(&self.config.url),
+                url: redact_url(&normalize_url(&self.config.url)),
             };
             return events.iter().map(|_| Err(e.clone())).collect();
         }
