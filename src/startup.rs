@@ -195,6 +195,7 @@ pub async fn build_delivery(
             lease,
             alert_threshold: settings.alert_threshold,
             sweep_batch: settings.sweep_batch_size as usize,
+            duplicate_window: Duration::from_secs(settings.nats.nats_duplicate_window_secs),
         },
     ));
     let alerter = Arc::new(Alerter::new(

@@ -3,7 +3,8 @@
 
 mod support;
 
-use common::outbox::{FailedAttempt, Lease};
+use common::domain::AttemptOutcome;
+use common::outbox::{FailedAttempt, Lease, rules};
 use common::store::{Outbox, OutboxAdmin, SqliteStore, Tickets};
 use common::{NewTicket, Price, Title, UserId};
 use serde_json::{Value, json};
@@ -375,7 +376,12 @@ async fn outbox_commands_show_and_retry_failed_events() {
                 .fail(
                     &[event.id],
                     &lease,
-                    &FailedAttempt::new(format!("nats down #{n}"), 3),
+                    &FailedAttempt::new(
+                        format!("nats down #{n}"),
+                        AttemptOutcome::NotStored,
+                        rules::now(),
+                        3,
+                    ),
                 )
                 .await
                 .expect("fail");

@@ -45,6 +45,7 @@ fn dispatcher(
             lease: Duration::from_secs(30),
             alert_threshold: 5,
             sweep_batch: batch,
+            duplicate_window: Duration::from_secs(120),
         },
     )
 }

@@ -96,6 +96,7 @@ pub(crate) async fn scenario_drain(
             lease: LEASE,
             alert_threshold: 5,
             sweep_batch: BATCH,
+            duplicate_window: Duration::from_secs(120),
         },
     );
     let counter = seed::connect(&path)?;

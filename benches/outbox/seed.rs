@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use common::domain::AttemptOutcome;
 use common::{EventId, Failure, Ticket, TicketId};
 use rusqlite::{Connection, params};
 use std::path::Path;
@@ -41,6 +42,7 @@ pub fn backlog(path: &Path, n: usize, waiting: Waiting) -> anyhow::Result<()> {
             let failure = vec![Failure {
                 at: now - chrono::Duration::minutes(9),
                 error: "NATS is not connected (nats://127.0.0.1:4222)".to_owned(),
+                outcome: AttemptOutcome::NotStored,
             }];
             (
                 0,

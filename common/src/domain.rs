@@ -231,11 +231,44 @@ impl fmt::Display for Subject {
     }
 }
 
+/// What a failed attempt leaves known about the stream.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum AttemptOutcome {
+    /// Refused before it was sent, or refused by the server: the stream does not hold it.
+    NotStored,
+    /// Sent, and no answer came (ack timeout, connection dropped): the stream may hold it. A
+    /// record from before outcomes were kept reads as this, the safe assumption.
+    #[default]
+    Unknown,
+}
+
+impl AttemptOutcome {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            AttemptOutcome::NotStored => "notStored",
+            AttemptOutcome::Unknown => "unknown",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "notStored" => Some(AttemptOutcome::NotStored),
+            "unknown" => Some(AttemptOutcome::Unknown),
+            _ => None,
+        }
+    }
+}
+
 /// One failed publish attempt, kept on the event (the last [`FAILURES_KEPT`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Failure {
     pub at: DateTime<Utc>,
     pub error: String,
+    #[serde(default)]
+    pub outcome: AttemptOutcome,
 }
 
 /// How many failures an event keeps; `attempts` counts them all.
@@ -302,6 +335,9 @@ pub struct OutboxEvent {
     pub created_at: DateTime<Utc>,
     /// When the "needs a human" alert was queued, if it was.
     pub alerted_at: Option<DateTime<Utc>>,
+    /// When the earliest attempt whose outcome is unknown was sent, while no read of the stream
+    /// has shown it absent since: the stream may hold the event from then on.
+    pub unknown_since: Option<DateTime<Utc>>,
 }
 
 impl OutboxEvent {
@@ -326,6 +362,7 @@ impl OutboxEvent {
             attempts: 0,
             created_at: now,
             alerted_at: None,
+            unknown_since: None,
         }
     }
 

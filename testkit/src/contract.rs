@@ -3,7 +3,8 @@
 //! Each check takes a fresh, empty store whose new events are reserved for the change feed for
 //! 30 s (the default `OUTBOX_LOCK_SECS`).
 
-use common::outbox::{AlertKind, Claimer, FailedAttempt, Lease};
+use common::domain::AttemptOutcome;
+use common::outbox::{AlertKind, Claimer, FailedAttempt, Lease, rules};
 use common::store::{Page, Store, UpdateOutcome};
 use common::{EventId, NewTicket, Price, Subject, TicketChanges, TicketId, Title, UserId};
 use futures::StreamExt;
@@ -30,6 +31,7 @@ macro_rules! __store_contract_checks {
             pending_versions_lists_the_outbox_per_ticket,
             change_feed_sees_commits_in_order,
             fresh_events_are_handed_out_claimed_in_commit_order,
+            an_unknown_outcome_is_kept_with_the_event,
             alerts_are_claimed_once,
             stats_and_operator_commands,
             concurrent_claims_each_get_a_full_batch_while_enough_are_due,
@@ -87,6 +89,11 @@ fn changes(title: &str, price: f64) -> TicketChanges {
         title: Title::parse(title).expect("valid title"),
         price: Price::new(price).expect("valid price"),
     }
+}
+
+/// An attempt refused before it reached the stream, failed now.
+fn failed(error: impl Into<String>, threshold: i64) -> FailedAttempt {
+    FailedAttempt::new(error, AttemptOutcome::NotStored, rules::now(), threshold)
 }
 
 fn lease(who: &str) -> Lease {
@@ -247,11 +254,7 @@ pub async fn sweep_claims_only_unlocked_or_expired(store: &dyn Store) {
         .await
         .expect("c");
     store
-        .fail(
-            &[events[1].id],
-            &failing,
-            &FailedAttempt::new("nats down", 5),
-        )
+        .fail(&[events[1].id], &failing, &failed("nats down", 5))
         .await
         .expect("fail");
     store
@@ -283,7 +286,7 @@ pub async fn failures_unlock_keep_last_ten_and_alert_once(store: &dyn Store) {
     let first = lease("feed");
     assert_eq!(store.claim_fresh(&[id], &first).await.expect("c").len(), 1);
     let alerted = store
-        .fail(&[id], &first, &FailedAttempt::new("error 1", 3))
+        .fail(&[id], &first, &failed("error 1", 3))
         .await
         .expect("fail");
     assert!(alerted.is_empty());
@@ -293,7 +296,7 @@ pub async fn failures_unlock_keep_last_ten_and_alert_once(store: &dyn Store) {
         let claimed = store.claim_due(10, &l).await.expect("due");
         assert_eq!(claimed.len(), 1, "attempt {n}");
         let alerted = store
-            .fail(&[id], &l, &FailedAttempt::new(format!("error {n}"), 3))
+            .fail(&[id], &l, &failed(format!("error {n}"), 3))
             .await
             .expect("fail");
         alert_count += alerted.len();
@@ -311,7 +314,7 @@ pub async fn failures_unlock_keep_last_ten_and_alert_once(store: &dyn Store) {
     assert!(e.alerted_at.is_some());
     // A failure reported under a lease that is no longer held changes nothing.
     let stale = store
-        .fail(&[id], &first, &FailedAttempt::new("late", 3))
+        .fail(&[id], &first, &failed("late", 3))
         .await
         .expect("fail");
     assert!(stale.is_empty());
@@ -340,7 +343,7 @@ pub async fn complete_deletes_and_resolves_alerted(store: &dyn Store) {
     let l = lease("w");
     store.claim_fresh(&[quiet, alerted], &l).await.expect("c");
     store
-        .fail(&[alerted], &l, &FailedAttempt::new("boom", 1))
+        .fail(&[alerted], &l, &failed("boom", 1))
         .await
         .expect("fail");
     let fired = store.claim_alerts(10, &lease("a")).await.expect("alerts");
@@ -506,14 +509,37 @@ pub async fn fresh_events_are_handed_out_claimed_in_commit_order(store: &dyn Sto
     feed.close().await;
 }
 
+/// What a failed attempt leaves known about the stream is stored with the event: each
+/// failure's outcome, and since when an attempt of unknown outcome may have stored it.
+pub async fn an_unknown_outcome_is_kept_with_the_event(store: &dyn Store) {
+    let id = one_event(store).await;
+    let l = lease("w");
+    store.claim_fresh(&[id], &l).await.expect("claim");
+    let sent = rules::now() - chrono::Duration::seconds(3);
+    let attempt = FailedAttempt::new("timed out", AttemptOutcome::Unknown, sent, 5);
+    store.fail(&[id], &l, &attempt).await.expect("fail");
+    let e = store.get_event(id).await.expect("get").expect("exists");
+    assert_eq!(e.unknown_since, Some(sent));
+    assert_eq!(e.failures[0].outcome, AttemptOutcome::Unknown);
+    let l = lease("sweep");
+    assert_eq!(store.claim_due(10, &l).await.expect("due").len(), 1);
+    store
+        .fail(&[id], &l, &failed("not connected", 5).after_absent())
+        .await
+        .expect("fail");
+    let e = store.get_event(id).await.expect("get").expect("exists");
+    assert_eq!(e.unknown_since, None, "a read showed it absent");
+    assert_eq!(
+        e.failures.iter().map(|f| f.outcome).collect::<Vec<_>>(),
+        [AttemptOutcome::Unknown, AttemptOutcome::NotStored]
+    );
+}
+
 pub async fn alerts_are_claimed_once(store: &dyn Store) {
     let id = one_event(store).await;
     let l = lease("w");
     store.claim_fresh(&[id], &l).await.expect("c");
-    store
-        .fail(&[id], &l, &FailedAttempt::new("boom", 1))
-        .await
-        .expect("f");
+    store.fail(&[id], &l, &failed("boom", 1)).await.expect("f");
     let a = store.claim_alerts(10, &lease("a")).await.expect("claim");
     let b = store.claim_alerts(10, &lease("b")).await.expect("claim");
     assert_eq!((a.len(), b.len()), (1, 0));
@@ -537,7 +563,7 @@ pub async fn stats_and_operator_commands(store: &dyn Store) {
     let l = lease("w");
     store.claim_fresh(&[events[0].id], &l).await.expect("c");
     store
-        .fail(&[events[0].id], &l, &FailedAttempt::new("boom", 1))
+        .fail(&[events[0].id], &l, &failed("boom", 1))
         .await
         .expect("f");
     let stats = store.outbox_stats(1).await.expect("stats");
@@ -607,7 +633,7 @@ pub async fn a_stale_failure_report_raises_no_alert(store: &dyn Store) {
     let old = lease("old-holder");
     assert_eq!(store.claim_fresh(&[id], &old).await.expect("c").len(), 1);
     let alerted = store
-        .fail(&[id], &old, &FailedAttempt::new("error 1", 5))
+        .fail(&[id], &old, &failed("error 1", 5))
         .await
         .expect("fail");
     assert!(alerted.is_empty());
@@ -615,7 +641,7 @@ pub async fn a_stale_failure_report_raises_no_alert(store: &dyn Store) {
     assert_eq!(store.claim_due(10, &holder).await.expect("due").len(), 1);
     // The old holder reports again, with a threshold the event has reached: nothing happens.
     let stale = store
-        .fail(&[id], &old, &FailedAttempt::new("late", 1))
+        .fail(&[id], &old, &failed("late", 1))
         .await
         .expect("fail");
     assert!(stale.is_empty(), "a stale report must not alert: {stale:?}");
@@ -632,7 +658,7 @@ pub async fn a_stale_failure_report_raises_no_alert(store: &dyn Store) {
     );
     // The holder's report alerts, once, with the event as it stands after this failure.
     let alerted = store
-        .fail(&[id], &holder, &FailedAttempt::new("error 2", 1))
+        .fail(&[id], &holder, &failed("error 2", 1))
         .await
         .expect("fail");
     assert_eq!(alerted.len(), 1);

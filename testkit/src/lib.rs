@@ -4,6 +4,8 @@
 
 pub mod contract;
 pub mod mongo;
+pub mod proxy;
 pub mod servers;
 
+pub use proxy::AckSwallowingProxy;
 pub use servers::{NatsServer, RedisServer, free_port};

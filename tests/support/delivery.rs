@@ -2,16 +2,23 @@
 //! stream back, and a real webhook receiver.
 #![allow(dead_code)]
 
+use super::{eventually, session_cookie};
 use axum::Json;
 use axum::extract::State;
 use axum::routing::post;
-use serde_json::Value;
+use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use testkit::NatsServer;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ticketing");
+/// The stream the tests' roles publish to (`NATS_CLUSTER_ID`).
+pub const STREAM: &str = "ticketing";
+/// Deadline of the slow conditions (a role starting, a backlog draining).
+pub const LONG: Duration = Duration::from_secs(60);
 
 /// A `ticketing` role running as a child process, logging JSON lines to a file; killed on drop.
 pub struct Role {
@@ -199,4 +206,144 @@ pub fn assert_created_then_updated(
         assert_eq!(message.subject, "ticket.updated");
         assert_eq!(&message.payload, update);
     }
+}
+
+/// A temp dir with the SQLite file every role of a test shares, its logs, and an HTTP client.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub db: PathBuf,
+    pub client: reqwest::Client,
+}
+
+impl Setup {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = dir.path().join("tickets.db");
+        Self {
+            dir,
+            db,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.log"))
+    }
+
+    /// Settings every role shares.
+    pub fn env(
+        &self,
+        nats: &NatsServer,
+        extra: &[(&'static str, String)],
+    ) -> Vec<(&'static str, String)> {
+        let mut env = vec![
+            ("SQLITE_PATH", self.db.display().to_string()),
+            ("NATS_URL", nats.url()),
+            ("NATS_CLUSTER_ID", STREAM.to_owned()),
+            ("RETRY_SCHEDULE", "* * * * * *".to_owned()),
+        ];
+        env.extend_from_slice(extra);
+        env
+    }
+
+    pub fn db(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(&self.db).expect("db");
+        c.busy_timeout(Duration::from_secs(10)).expect("busy");
+        c
+    }
+
+    pub fn events(&self) -> i64 {
+        self.db()
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .unwrap_or(-1)
+    }
+
+    pub fn min_attempts(&self) -> i64 {
+        self.db()
+            .query_row("SELECT COALESCE(MIN(attempts), -1) FROM events", [], |r| {
+                r.get(0)
+            })
+            .unwrap_or(-1)
+    }
+
+    pub async fn wait_api(&self, port: u16) {
+        let url = format!("http://127.0.0.1:{port}/api/tickets");
+        eventually(Duration::from_secs(30), "the API to answer", || {
+            let (client, url) = (&self.client, &url);
+            async move {
+                client
+                    .get(url)
+                    .send()
+                    .await
+                    .ok()
+                    .filter(|r| r.status() == 200)
+            }
+        })
+        .await;
+    }
+
+    pub async fn create(&self, port: u16, title: &str) -> Value {
+        let res = self
+            .client
+            .post(format!("http://127.0.0.1:{port}/api/tickets"))
+            .header("cookie", session_cookie("seller"))
+            .json(&json!({"title": title, "price": 10}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            res.status(),
+            201,
+            "the API takes tickets whatever NATS does"
+        );
+        res.json().await.expect("json")
+    }
+
+    pub async fn update(&self, port: u16, id: &str, title: &str) -> Value {
+        let res = self
+            .client
+            .put(format!("http://127.0.0.1:{port}/api/tickets/{id}"))
+            .header("cookie", session_cookie("seller"))
+            .json(&json!({"title": title, "price": 12.5}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(res.status(), 200);
+        res.json().await.expect("json")
+    }
+}
+
+impl Drop for Setup {
+    /// On failure, show what each role logged: the first thing anyone debugging wants.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Ok(entries) = std::fs::read_dir(self.dir.path()) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("==== {} (last 40 lines)", path.display());
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+}
+
+pub async fn messages_when(nats: &NatsServer, count: usize) -> Vec<StoredMessage> {
+    let url = nats.url();
+    eventually(LONG, &format!("{count} messages in the stream"), || {
+        let url = url.clone();
+        async move {
+            let m = stream_messages(&url, STREAM).await;
+            (m.len() >= count).then_some(m)
+        }
+    })
+    .await
 }

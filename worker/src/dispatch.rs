@@ -4,6 +4,8 @@
 //! change feed, the sweep schedule) live elsewhere; tests drive these steps directly.
 
 use crate::publisher::JetStreamPublisher;
+use crate::publisher::{PublishError, StreamRead};
+use common::domain::AttemptOutcome;
 use common::outbox::{Claimed, Claimer, FailedAttempt, rules};
 use common::store::{Outbox, StoreError};
 use common::{EventId, OutboxEvent, TicketId};
@@ -22,6 +24,10 @@ pub struct DispatchConfig {
     pub alert_threshold: i64,
     /// Events claimed per sweep step.
     pub sweep_batch: usize,
+    /// JetStream's duplicate window (`NATS_DUPLICATE_WINDOW_SECS`): past it, an event an
+    /// attempt of unknown outcome may have stored is looked up in the stream before it is
+    /// published again.
+    pub duplicate_window: Duration,
 }
 
 /// Which path made an attempt: the change feed's first attempt or the sweep's retry.
@@ -53,6 +59,9 @@ pub struct Outcome {
     pub failed: usize,
     /// Left for the sweep, not a failure: an older event of the same ticket is still waiting.
     pub deferred: usize,
+    /// Found in the stream after the duplicate window (an earlier attempt of unknown outcome
+    /// had stored it), and completed without publishing it again.
+    pub reconciled: usize,
 }
 
 impl Outcome {
@@ -62,6 +71,7 @@ impl Outcome {
         self.duplicates += o.duplicates;
         self.failed += o.failed;
         self.deferred += o.deferred;
+        self.reconciled += o.reconciled;
     }
 }
 
@@ -206,6 +216,7 @@ impl Dispatcher {
             outcome.deferred += late.len();
             claimed.release(&ids_of(&late)).await?;
         }
+        let (events, absent) = self.reconcile(&claimed, events, &mut outcome).await?;
         let (mut chains, blocked) = self.order_chains(events).await?;
         if !blocked.is_empty() {
             outcome.deferred += blocked.len();
@@ -221,12 +232,15 @@ impl Dispatcher {
             if wave.is_empty() {
                 break;
             }
+            let sent_at = rules::now();
             let results = self.publisher.publish_batch(&wave).await;
             metrics::counter!("outbox_publish_attempts_total", "path" => path_label)
                 .increment(wave.len() as u64);
             let acked_at = chrono::Utc::now();
             let mut delivered = Vec::new();
-            let mut failures: BTreeMap<String, Vec<EventId>> = BTreeMap::new();
+            // By error text, outcome, and whether a read just showed the event absent.
+            let mut failures: BTreeMap<(String, AttemptOutcome, bool), Vec<EventId>> =
+                BTreeMap::new();
             let mut failed_tickets = HashSet::new();
             for (event, result) in wave.iter().zip(results) {
                 match result {
@@ -244,10 +258,12 @@ impl Dispatcher {
                     }
                     Err(error) => {
                         failed_tickets.insert(event.aggregate_id);
-                        failures
-                            .entry(error.to_string())
-                            .or_default()
-                            .push(event.id);
+                        let key = (
+                            error.to_string(),
+                            error.outcome(),
+                            absent.contains(&event.id),
+                        );
+                        failures.entry(key).or_default().push(event.id);
                     }
                 }
             }
@@ -257,17 +273,24 @@ impl Dispatcher {
                 metrics::counter!("outbox_publish_successes_total", "path" => path_label)
                     .increment(delivered.len() as u64);
             }
-            for (error, ids) in failures {
-                outcome.failed += ids.len();
+            for ((error, attempt_outcome, was_absent), ids) in failures {
                 metrics::counter!("outbox_publish_failures_total", "path" => path_label)
                     .increment(ids.len() as u64);
-                tracing::warn!(path = path.as_str(), events = ids.len(), %error, "publish failed");
-                let attempt = FailedAttempt::new(error, self.config.alert_threshold);
-                for e in claimed.fail(&ids, &attempt).await? {
-                    tracing::error!(event.id = %e.id, subject = %e.subject, aggregate = %e.aggregate_id,
-                        version = e.version, attempts = e.attempts, last_error = e.last_error().unwrap_or(""),
-                        "outbox event keeps failing to publish: a human should look (ticketing outbox show)");
-                }
+                tracing::warn!(path = path.as_str(), events = ids.len(), %error,
+                    outcome = attempt_outcome.as_str(), "publish failed");
+                let attempt = FailedAttempt::new(
+                    error,
+                    attempt_outcome,
+                    sent_at,
+                    self.config.alert_threshold,
+                );
+                let attempt = if was_absent {
+                    attempt.after_absent()
+                } else {
+                    attempt
+                };
+                self.record_failure(&claimed, &ids, &attempt, &mut outcome)
+                    .await?;
             }
             if !failed_tickets.is_empty() {
                 let mut waiting = Vec::new();
@@ -289,6 +312,96 @@ impl Dispatcher {
             tracing::debug!(path = path.as_str(), ?outcome, "dispatch step done");
         }
         Ok(outcome)
+    }
+
+    /// Records a failed attempt on `ids` and says which of them alerted.
+    async fn record_failure(
+        &self,
+        claimed: &Claimed,
+        ids: &[EventId],
+        attempt: &FailedAttempt,
+        outcome: &mut Outcome,
+    ) -> Result<(), StoreError> {
+        outcome.failed += ids.len();
+        for e in claimed.fail(ids, attempt).await? {
+            tracing::error!(event.id = %e.id, subject = %e.subject, aggregate = %e.aggregate_id,
+                version = e.version, attempts = e.attempts, last_error = e.last_error().unwrap_or(""),
+                "outbox event keeps failing to publish: a human should look (ticketing outbox show)");
+        }
+        Ok(())
+    }
+
+    /// Exactly once past the duplicate window: of `events`, those an attempt of unknown outcome
+    /// may have stored before the window may have passed are looked up in the stream first
+    /// (one read, headers only, from the earliest such attempt). Those the stream holds are
+    /// completed without publishing them again; the others are returned with the rest, and
+    /// their ids (known absent now) as the second value. When the stream cannot be read, they
+    /// are not published (that could store them twice): a failed attempt that sent nothing.
+    async fn reconcile(
+        &self,
+        claimed: &Claimed,
+        events: Vec<OutboxEvent>,
+        outcome: &mut Outcome,
+    ) -> Result<(Vec<OutboxEvent>, HashSet<EventId>), StoreError> {
+        let now = rules::now();
+        let window = self.config.duplicate_window;
+        let (check, mut events): (Vec<OutboxEvent>, Vec<OutboxEvent>) = events
+            .into_iter()
+            .partition(|e| rules::needs_reconciling(e, now, window));
+        if check.is_empty() {
+            return Ok((events, HashSet::new()));
+        }
+        let read = match self.read_stream_for(&check).await {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(events = check.len(), error = %e,
+                    "cannot read the stream to check for events an unknown attempt may have stored; not publishing them");
+                let attempt = FailedAttempt::new(
+                    format!("cannot check whether the stream already holds it: {e}"),
+                    AttemptOutcome::NotStored,
+                    now,
+                    self.config.alert_threshold,
+                );
+                self.record_failure(claimed, &ids_of(&check), &attempt, outcome)
+                    .await?;
+                return Ok((events, HashSet::new()));
+            }
+        };
+        metrics::counter!("outbox_reconcile_messages_read_total").increment(read.messages);
+        let (held, absent): (Vec<OutboxEvent>, Vec<OutboxEvent>) = check
+            .into_iter()
+            .partition(|e| read.held.contains(&e.id.to_hex()));
+        metrics::counter!("outbox_reconciled_total", "result" => "already_stored")
+            .increment(held.len() as u64);
+        metrics::counter!("outbox_reconciled_total", "result" => "not_stored")
+            .increment(absent.len() as u64);
+        tracing::info!(
+            already_stored = held.len(),
+            not_stored = absent.len(),
+            messages_read = read.messages,
+            "past the duplicate window, looked up events an unknown attempt may have stored: \
+             those already in the stream are completed without publishing them again"
+        );
+        if !held.is_empty() {
+            claimed.complete(&ids_of(&held)).await?;
+            outcome.reconciled += held.len();
+        }
+        let absent_ids = absent.iter().map(|e| e.id).collect();
+        events.extend(absent);
+        Ok((events, absent_ids))
+    }
+
+    /// One read of the stream for `events`: from the earliest time any of them may have been
+    /// stored, on their subject when they share one.
+    async fn read_stream_for(&self, events: &[OutboxEvent]) -> Result<StreamRead, PublishError> {
+        let since = rules::reconcile_from(events).unwrap_or_else(rules::now);
+        let subjects: HashSet<&str> = events.iter().map(|e| e.subject.as_str()).collect();
+        let subject = match subjects.iter().next() {
+            Some(only) if subjects.len() == 1 => Some(*only),
+            _ => None,
+        };
+        let ids = events.iter().map(|e| e.id.to_hex()).collect();
+        self.publisher.stored_ids(since, subject, &ids).await
     }
 
     /// Splits claimed events into per-ticket chains that may be published now (each chain is the

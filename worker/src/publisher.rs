@@ -4,8 +4,11 @@
 
 use crate::nats_auth::NatsAuth;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
+use common::domain::AttemptOutcome;
 use common::{OutboxEvent, redact_url};
+use futures::StreamExt;
 use futures::future::join_all;
+use std::collections::HashSet;
 use std::time::Duration;
 use tokio::sync::Mutex;
 
@@ -58,9 +61,40 @@ pub enum PublishError {
     /// The client could not take the message.
     #[error("{0}")]
     Send(String),
-    /// No PubAck: refused by the server, timed out, or the connection dropped while waiting.
+    /// JetStream (or the client, before sending) refused the message: it is not stored.
     #[error("{0}")]
-    Ack(String),
+    Refused(String),
+    /// No answer: the PubAck timed out, or the connection dropped while waiting. The stream may
+    /// hold the message.
+    #[error("{0}")]
+    NoAck(String),
+}
+
+impl PublishError {
+    /// What the failure leaves known about the stream: only an attempt that was sent and got
+    /// no answer may have stored the message.
+    pub fn outcome(&self) -> AttemptOutcome {
+        match self {
+            PublishError::NoAck(_) => AttemptOutcome::Unknown,
+            PublishError::NotConnected { .. }
+            | PublishError::Stream { .. }
+            | PublishError::NoStream
+            | PublishError::Send(_)
+            | PublishError::Refused(_) => AttemptOutcome::NotStored,
+        }
+    }
+
+    /// A PubAck that did not come: `answered` when the server's answer was an error (a
+    /// JetStream API error), as opposed to no answer at all.
+    fn of_ack(kind: PublishErrorKind, answered: bool, text: String) -> Self {
+        match kind {
+            // "No responders": no stream listens on the subject (deleted, or no leader).
+            PublishErrorKind::StreamNotFound => PublishError::NoStream,
+            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => PublishError::NoAck(text),
+            PublishErrorKind::Other if !answered => PublishError::NoAck(text),
+            _ => PublishError::Refused(text),
+        }
+    }
 }
 
 /// What JetStream said about one stored message.
@@ -203,11 +237,9 @@ impl JetStreamPublisher {
         }
         let acks = pending.into_iter().map(|sent| async move {
             let ack = sent?.await.map_err(|e| {
-                if e.kind() == PublishErrorKind::StreamNotFound {
-                    PublishError::NoStream
-                } else {
-                    PublishError::Ack(e.to_string())
-                }
+                let answered = std::error::Error::source(&e)
+                    .is_some_and(|s| s.is::<async_nats::jetstream::Error>());
+                PublishError::of_ack(e.kind(), answered, e.to_string())
             })?;
             Ok(Published {
                 sequence: ack.sequence,
@@ -226,9 +258,115 @@ impl JetStreamPublisher {
     }
 }
 
+/// What a read of the stream found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamRead {
+    /// Those of the ids looked for that the stream holds.
+    pub held: HashSet<String>,
+    /// Messages read (headers only).
+    pub messages: u64,
+}
+
+impl JetStreamPublisher {
+    /// Which of `ids` (`Nats-Msg-Id`s) the stream holds among the messages stored since
+    /// `since` on `subject` (`None`: any subject of the stream). Reads headers only, with an
+    /// ordered consumer, up to the last message stored when the read began (or until every id
+    /// is found).
+    pub async fn stored_ids(
+        &self,
+        since: chrono::DateTime<chrono::Utc>,
+        subject: Option<&str>,
+        ids: &HashSet<String>,
+    ) -> Result<StreamRead, PublishError> {
+        let failed = |e: &dyn std::fmt::Display| {
+            PublishError::NoAck(format!(
+                "cannot read JetStream stream {}: {e}",
+                self.config.stream
+            ))
+        };
+        if !self.wait_connected(CONNECT_GRACE).await {
+            return Err(PublishError::NotConnected {
+                url: redact_url(&normalize_url(&self.config.url)),
+            });
+        }
+        let start_time = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(
+            since.timestamp_nanos_opt().unwrap_or(0),
+        ))
+        .map_err(|e| failed(&e))?;
+        let stream = self
+            .js
+            .get_stream(&self.config.stream)
+            .await
+            .map_err(|e| failed(&e))?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: subject.unwrap_or_default().to_owned(),
+                headers_only: true,
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartTime { start_time },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| failed(&e))?;
+        let pending = consumer.cached_info().num_pending;
+        let mut read = StreamRead::default();
+        if pending == 0 {
+            return Ok(read);
+        }
+        let mut messages = consumer.messages().await.map_err(|e| failed(&e))?;
+        while read.messages < pending && read.held.len() < ids.len() {
+            let next = tokio::time::timeout(self.config.ack_timeout, messages.next())
+                .await
+                .map_err(|_| failed(&"timed out"))?;
+            let message = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => return Err(failed(&e)),
+                None => return Err(failed(&"the read ended early")),
+            };
+            read.messages += 1;
+            let id = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get("Nats-Msg-Id"))
+                .map(|v| v.as_str().to_owned());
+            if let Some(id) = id.filter(|id| ids.contains(id)) {
+                read.held.insert(id);
+            }
+        }
+        Ok(read)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::normalize_url;
+    use super::*;
+
+    #[test]
+    fn only_a_publish_that_got_no_answer_may_have_been_stored() {
+        let text = || "x".to_owned();
+        for (kind, answered, outcome) in [
+            (PublishErrorKind::TimedOut, false, AttemptOutcome::Unknown),
+            (PublishErrorKind::BrokenPipe, false, AttemptOutcome::Unknown),
+            (PublishErrorKind::Other, false, AttemptOutcome::Unknown),
+            (PublishErrorKind::Other, true, AttemptOutcome::NotStored),
+            (
+                PublishErrorKind::StreamNotFound,
+                false,
+                AttemptOutcome::NotStored,
+            ),
+            (
+                PublishErrorKind::MaxPayloadExceeded,
+                false,
+                AttemptOutcome::NotStored,
+            ),
+        ] {
+            let e = PublishError::of_ack(kind, answered, text());
+            assert_eq!(e.outcome(), outcome, "{kind:?} answered={answered}");
+        }
+        let down = PublishError::NotConnected {
+            url: "nats://h".into(),
+        };
+        assert_eq!(down.outcome(), AttemptOutcome::NotStored);
+    }
 
     #[test]
     fn http_scheme_of_the_course_manifests_is_accepted() {

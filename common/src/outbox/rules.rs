@@ -3,7 +3,9 @@
 //! these inside their own atomic step and store what they return; the tests here run them on
 //! every build, whatever store a machine can run.
 
-use crate::domain::{EventId, FAILURES_KEPT, Failure, OutboxEvent, Subject, Ticket};
+use crate::domain::{
+    AttemptOutcome, EventId, FAILURES_KEPT, Failure, OutboxEvent, Subject, Ticket,
+};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -39,26 +41,47 @@ pub fn claim_left(event: &OutboxEvent, now: DateTime<Utc>, margin: Duration) -> 
 #[derive(Debug, Clone, PartialEq)]
 pub struct FailedAttempt {
     pub failure: Failure,
+    /// When the attempt was sent: the earliest the stream could have stored it.
+    pub sent_at: DateTime<Utc>,
     /// `ALERT_THRESHOLD`: failed attempts after which an event alerts.
     pub alert_threshold: i64,
+    /// A read of the stream, just before this attempt, showed the event absent: whatever an
+    /// earlier attempt left unknown is known now.
+    pub absent_before: bool,
 }
 
 impl FailedAttempt {
-    /// An attempt that failed now with `error`.
-    pub fn new(error: impl Into<String>, alert_threshold: i64) -> Self {
+    /// An attempt sent at `sent_at` that failed now with `error`.
+    pub fn new(
+        error: impl Into<String>,
+        outcome: AttemptOutcome,
+        sent_at: DateTime<Utc>,
+        alert_threshold: i64,
+    ) -> Self {
         Self {
             failure: Failure {
                 at: now(),
                 error: error.into(),
+                outcome,
             },
+            sent_at,
             alert_threshold,
+            absent_before: false,
         }
     }
 
+    /// The same attempt, made right after a read of the stream showed the event absent.
+    pub fn after_absent(mut self) -> Self {
+        self.absent_before = true;
+        self
+    }
+
     /// The failure rule, for an event this attempt held: the failure is appended (the last
-    /// [`FAILURES_KEPT`] are kept), the attempt counted, the event unlocked and due at once, and
-    /// when its attempts reach the threshold for the first time it is marked alerted and the
-    /// "firing" alert returned, for the store to queue in the same atomic step.
+    /// [`FAILURES_KEPT`] are kept), the attempt counted, the event unlocked and due at once; an
+    /// attempt whose outcome is unknown marks since when the stream may hold the event (the
+    /// earliest such attempt counts); and when its attempts reach the threshold for the first
+    /// time it is marked alerted and the "firing" alert returned, for the store to queue in the
+    /// same atomic step.
     pub fn apply(&self, event: &mut OutboxEvent) -> Option<Alert> {
         let at = self.failure.at;
         event.failures.push(self.failure.clone());
@@ -68,6 +91,12 @@ impl FailedAttempt {
         event.is_locked = false;
         event.locked_by = None;
         event.locked_until = at;
+        if self.absent_before {
+            event.unknown_since = None;
+        }
+        if self.failure.outcome == AttemptOutcome::Unknown && event.unknown_since.is_none() {
+            event.unknown_since = Some(self.sent_at);
+        }
         if event.attempts >= self.alert_threshold && event.alerted_at.is_none() {
             event.alerted_at = Some(at);
             return Some(Alert::new(AlertKind::Firing, event.clone(), at));
@@ -75,6 +104,32 @@ impl FailedAttempt {
         None
     }
 }
+
+/// Whether the stream must be read before `event` is published again: an attempt of unknown
+/// outcome may have stored it, and the stream's duplicate window (`window`, counted from when
+/// the server stored it, no earlier than the attempt was sent) may have passed, so a re-publish
+/// would be stored a second time. A quarter of the window is kept as a margin for clocks and
+/// latency. Within the window the server's deduplication by `Nats-Msg-Id` is enough.
+pub fn needs_reconciling(event: &OutboxEvent, now: DateTime<Utc>, window: Duration) -> bool {
+    let Some(since) = event.unknown_since else {
+        return false;
+    };
+    let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+    now - since >= window - window / 4
+}
+
+/// Where a read of the stream for `events` starts: the earliest time any of them may have been
+/// stored, less [`RECONCILE_MARGIN`] for the server's clock. `None` when none needs it.
+pub fn reconcile_from<'a>(
+    events: impl IntoIterator<Item = &'a OutboxEvent>,
+) -> Option<DateTime<Utc>> {
+    let earliest = events.into_iter().filter_map(|e| e.unknown_since).min()?;
+    Some(earliest - chrono::Duration::from_std(RECONCILE_MARGIN).unwrap_or_default())
+}
+
+/// How much earlier than an attempt's send time a stream read starts: the server's clock may
+/// be behind ours by this much.
+pub const RECONCILE_MARGIN: Duration = Duration::from_secs(30);
 
 /// Delivered at last: the "resolved" alert for an event that had alerted, to queue with its
 /// deletion. `None` for every other event (nobody was told it was failing).
@@ -166,6 +221,86 @@ mod tests {
         e
     }
 
+    /// An attempt refused before it reached the stream.
+    fn known(error: impl Into<String>, threshold: i64) -> FailedAttempt {
+        FailedAttempt::new(error, AttemptOutcome::NotStored, now(), threshold)
+    }
+
+    fn unknown(sent_at: DateTime<Utc>) -> FailedAttempt {
+        FailedAttempt::new("timed out", AttemptOutcome::Unknown, sent_at, 100)
+    }
+
+    #[test]
+    fn an_unknown_outcome_marks_since_when_the_stream_may_hold_the_event() {
+        let mut e = event();
+        known("not connected", 100).apply(&mut e);
+        assert_eq!(
+            e.unknown_since, None,
+            "refused before sending: certainly not stored"
+        );
+        let first = now() - chrono::Duration::seconds(50);
+        unknown(first).apply(&mut e);
+        assert_eq!(e.unknown_since, Some(first));
+        unknown(now()).apply(&mut e);
+        known("not connected", 100).apply(&mut e);
+        assert_eq!(
+            e.unknown_since,
+            Some(first),
+            "the earliest such attempt counts"
+        );
+        assert_eq!(
+            e.failures.iter().map(|f| f.outcome).collect::<Vec<_>>(),
+            [
+                AttemptOutcome::NotStored,
+                AttemptOutcome::Unknown,
+                AttemptOutcome::Unknown,
+                AttemptOutcome::NotStored
+            ]
+        );
+        // A read showed it absent: known again, until the next unknown attempt.
+        known("not connected", 100).after_absent().apply(&mut e);
+        assert_eq!(e.unknown_since, None);
+        let later = now();
+        unknown(later).after_absent().apply(&mut e);
+        assert_eq!(e.unknown_since, Some(later));
+    }
+
+    #[test]
+    fn the_stream_is_read_only_once_the_duplicate_window_may_have_passed() {
+        let window = Duration::from_secs(120);
+        let mut e = event();
+        let t = now();
+        assert!(!needs_reconciling(&e, t, window), "no unknown attempt");
+        e.unknown_since = Some(t);
+        assert!(!needs_reconciling(
+            &e,
+            t + chrono::Duration::seconds(60),
+            window
+        ));
+        assert!(!needs_reconciling(
+            &e,
+            t + chrono::Duration::seconds(89),
+            window
+        ));
+        assert!(
+            needs_reconciling(&e, t + chrono::Duration::seconds(90), window),
+            "a quarter early"
+        );
+        assert!(needs_reconciling(
+            &e,
+            t + chrono::Duration::seconds(600),
+            window
+        ));
+        let mut other = event();
+        other.unknown_since = Some(t - chrono::Duration::seconds(10));
+        assert_eq!(
+            reconcile_from([&e, &other, &event()]),
+            Some(t - chrono::Duration::seconds(40)),
+            "the earliest, less the margin"
+        );
+        assert_eq!(reconcile_from([&event()]), None);
+    }
+
     #[test]
     fn a_fresh_event_is_locked_for_the_feed_by_nobody_in_milliseconds() {
         let e = fresh_event(
@@ -190,7 +325,7 @@ mod tests {
     fn a_failure_unlocks_counts_and_keeps_the_last_ten() {
         let mut e = event();
         for n in 1..=12 {
-            let alert = FailedAttempt::new(format!("error {n}"), 100).apply(&mut e);
+            let alert = known(format!("error {n}"), 100).apply(&mut e);
             assert!(alert.is_none());
         }
         assert_eq!(e.attempts, 12);
@@ -205,7 +340,7 @@ mod tests {
     fn an_event_alerts_once_when_its_attempts_reach_the_threshold() {
         let mut e = event();
         let fired: Vec<Alert> = (0..6)
-            .filter_map(|n| FailedAttempt::new(format!("error {n}"), 3).apply(&mut e))
+            .filter_map(|n| known(format!("error {n}"), 3).apply(&mut e))
             .collect();
         assert_eq!(fired.len(), 1, "one alert per event, not one per attempt");
         let alert = &fired[0];
@@ -220,14 +355,14 @@ mod tests {
         // A threshold already passed alerts at the next failure of an event that never alerted.
         let mut late = event();
         late.attempts = 7;
-        assert!(FailedAttempt::new("x", 3).apply(&mut late).is_some());
+        assert!(known("x", 3).apply(&mut late).is_some());
     }
 
     #[test]
     fn only_an_event_that_alerted_resolves() {
         let mut e = event();
         assert!(resolution(&e, now()).is_none());
-        FailedAttempt::new("down", 1).apply(&mut e);
+        known("down", 1).apply(&mut e);
         let resolved = resolution(&e, now()).expect("it had alerted");
         assert_eq!(resolved.kind, AlertKind::Resolved);
         assert_eq!(resolved.id, format!("{}:resolved", e.id));

@@ -10,7 +10,9 @@
 //!   attempts, lockedUntil, lockedBy}`
 //! - `feed_positions` `{_id: "change-feed", position: string}`
 
-use crate::domain::{EventId, Failure, OutboxEvent, Payload, Subject, Ticket, TicketId};
+use crate::domain::{
+    AttemptOutcome, EventId, Failure, OutboxEvent, Payload, Subject, Ticket, TicketId,
+};
 use crate::outbox::{Alert, AlertKind};
 use crate::store::StoreError;
 use bson::oid::ObjectId;
@@ -181,7 +183,13 @@ pub(super) fn event_state(e: &OutboxEvent) -> Document {
     let failures: Vec<Bson> = e
         .failures
         .iter()
-        .map(|f| Bson::Document(doc! {"at": to_bson_date(f.at), "error": &f.error}))
+        .map(|f| {
+            Bson::Document(doc! {
+                "at": to_bson_date(f.at),
+                "error": &f.error,
+                "outcome": f.outcome.as_str(),
+            })
+        })
         .collect();
     doc! {
         "isLocked": e.is_locked,
@@ -190,6 +198,7 @@ pub(super) fn event_state(e: &OutboxEvent) -> Document {
         "failures": failures,
         "attempts": e.attempts,
         "alertedAt": e.alerted_at.map_or(Bson::Null, |t| Bson::DateTime(to_bson_date(t))),
+        "unknownSince": e.unknown_since.map_or(Bson::Null, |t| Bson::DateTime(to_bson_date(t))),
     }
 }
 
@@ -202,9 +211,17 @@ pub(super) fn event_from_doc(d: &Document) -> Result<OutboxEvent, StoreError> {
         .map(|item| match item {
             Bson::Document(fd) => {
                 let ff = Fields::new("events", fd);
+                // A failure stored before outcomes were kept reads as unknown (the safe side).
+                let outcome = match ff.opt_str("outcome")? {
+                    None => AttemptOutcome::Unknown,
+                    Some(o) => AttemptOutcome::parse(&o).ok_or_else(|| {
+                        f.bad("failures", &format!("holds an unknown outcome {o:?}"))
+                    })?,
+                };
                 Ok(Failure {
                     at: ff.date("at")?,
                     error: ff.str("error")?.to_owned(),
+                    outcome,
                 })
             }
             _ => Err(f.bad("failures", "holds a value that is not a document")),
@@ -225,6 +242,7 @@ pub(super) fn event_from_doc(d: &Document) -> Result<OutboxEvent, StoreError> {
         attempts: f.i64("attempts")?,
         created_at: f.date("createdAt")?,
         alerted_at: f.opt_date("alertedAt")?,
+        unknown_since: f.opt_date("unknownSince")?,
     })
 }
 
@@ -360,8 +378,10 @@ mod tests {
         e.failures.push(Failure {
             at: now(),
             error: "nats down".into(),
+            outcome: AttemptOutcome::NotStored,
         });
         e.alerted_at = Some(now());
+        e.unknown_since = Some(now());
         e.locked_by = Some("w/1".into());
         let d = event_doc(&e);
         assert!(matches!(d.get("aggregateId"), Some(Bson::ObjectId(_))));

@@ -65,6 +65,7 @@ pub(super) fn event_from_row(row: &Row) -> rusqlite::Result<OutboxEvent> {
     let locked_until: String = row.get(6)?;
     let created_at: String = row.get(10)?;
     let alerted_at: Option<String> = row.get(11)?;
+    let unknown_since: Option<String> = row.get(12)?;
     Ok(OutboxEvent {
         id: parse_oid(0, &id, EventId::parse)?,
         subject: Subject::parse(&subject)
@@ -79,6 +80,7 @@ pub(super) fn event_from_row(row: &Row) -> rusqlite::Result<OutboxEvent> {
         attempts: row.get(9)?,
         created_at: parse_ts(10, &created_at)?,
         alerted_at: alerted_at.map(|s| parse_ts(11, &s)).transpose()?,
+        unknown_since: unknown_since.map(|s| parse_ts(12, &s)).transpose()?,
     })
 }
 
@@ -100,7 +102,7 @@ pub(super) fn insert_event(conn: &Connection, e: &OutboxEvent) -> rusqlite::Resu
     conn.prepare_cached(concat!(
         "INSERT INTO events (",
         event_cols!(),
-        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
+        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
     ))?
     .execute(params![
         e.id.to_hex(),
@@ -115,6 +117,7 @@ pub(super) fn insert_event(conn: &Connection, e: &OutboxEvent) -> rusqlite::Resu
         e.attempts,
         ts(e.created_at),
         e.alerted_at.map(ts),
+        e.unknown_since.map(ts),
     ])?;
     Ok(())
 }

@@ -21,7 +21,7 @@ use writer::{Durability, Writer};
 macro_rules! event_cols {
     () => {
         "id, subject, data, aggregate_id, version, is_locked, locked_until, \
-         locked_by, failures, attempts, created_at, alerted_at"
+         locked_by, failures, attempts, created_at, alerted_at, unknown_since"
     };
 }
 /// The columns of a ticket row, in `codec::ticket_from_row`'s order.
@@ -42,6 +42,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0001_init.sql"),
     include_str!("../../../migrations/0002_events_alerted.sql"),
     include_str!("../../../migrations/0003_events_failing.sql"),
+    include_str!("../../../migrations/0004_events_unknown_since.sql"),
 ];
 const MAX_IDLE_READERS: usize = 8;
 
@@ -230,8 +231,9 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 mod tests {
     use super::admin::COUNT_PAST_THRESHOLD;
     use super::*;
+    use crate::domain::AttemptOutcome;
     use crate::domain::{NewTicket, Ticket, TicketId};
-    use crate::outbox::{Claimer, FailedAttempt, Lease};
+    use crate::outbox::{Claimer, FailedAttempt, Lease, rules};
     use crate::store::{FreshEvents, Outbox, OutboxAdmin, Tickets};
     use tokio_util::sync::CancellationToken;
 
@@ -312,7 +314,11 @@ mod tests {
         let lease = Lease::new("w", Duration::from_secs(30));
         store.claim_fresh(&[failed], &lease).await.expect("claim");
         store
-            .fail(&[failed], &lease, &FailedAttempt::new("boom", 5))
+            .fail(
+                &[failed],
+                &lease,
+                &FailedAttempt::new("boom", AttemptOutcome::NotStored, rules::now(), 5),
+            )
             .await
             .expect("failure");
         assert_eq!(indexed(), 1);

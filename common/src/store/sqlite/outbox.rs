@@ -173,7 +173,8 @@ impl Outbox for SqliteStore {
                 let alert = attempt.apply(&mut event);
                 conn.prepare_cached(
                     "UPDATE events SET is_locked = ?1, locked_by = ?2, locked_until = ?3, \
-                     failures = ?4, attempts = ?5, alerted_at = ?6 WHERE id = ?7",
+                     failures = ?4, attempts = ?5, alerted_at = ?6, unknown_since = ?7 \
+                     WHERE id = ?8",
                 )?
                 .execute(params![
                     event.is_locked,
@@ -182,6 +183,7 @@ impl Outbox for SqliteStore {
                     to_json(&event.failures)?,
                     event.attempts,
                     event.alerted_at.map(ts),
+                    event.unknown_since.map(ts),
                     id.to_hex()
                 ])?;
                 if let Some(alert) = alert {

@@ -1,0 +1,173 @@
+//! Outages of any length, end to end: a `ticketing all` process publishes through a TCP proxy of
+//! the test's own that lets publishes reach a real nats-server but swallows their PubAcks, so the
+//! outcome of those attempts is unknown while the stream stored them; then NATS goes away, for
+//! longer than JetStream's duplicate window or not, and comes back.
+
+mod support;
+
+use std::net::SocketAddr;
+use support::delivery::{
+    LONG, Role, Setup, StoredMessage, assert_once_each, messages_when, spawn_role,
+};
+use support::eventually;
+use testkit::{AckSwallowingProxy, NatsServer, free_port};
+
+/// The loopback address a `nats://127.0.0.1:PORT` URL names.
+fn address(url: &str) -> SocketAddr {
+    url.trim_start_matches("nats://").parse().expect("address")
+}
+
+/// Sum of a Prometheus counter over the series whose labels contain `needle`.
+async fn counter(client: &reqwest::Client, port: u16, name: &str, needle: &str) -> f64 {
+    let page = client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    page.lines()
+        .filter(|l| l.starts_with(name) && l.contains(needle))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Events whose attempts so far include one of unknown outcome (`unknown_since` is set).
+fn unknown_events(setup: &Setup) -> i64 {
+    setup
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM events WHERE unknown_since IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or(-1)
+}
+
+/// Seconds since the latest `unknown_since` of the outbox (how long ago the last event that may
+/// be in the stream was sent).
+fn seconds_since_last_unknown(setup: &Setup) -> f64 {
+    setup
+        .db()
+        .query_row(
+            "SELECT (julianday('now') - julianday(MAX(unknown_since))) * 86400.0 FROM events",
+            [],
+            |r| r.get::<_, Option<f64>>(0),
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(0.0)
+}
+
+/// `ticketing all` through the proxy; `window` is the stream's duplicate window in seconds.
+/// Creates one ticket that is delivered (the stream exists), then `burst` tickets whose PubAcks
+/// the proxy swallows, and waits until each of those failed with an unknown outcome and the
+/// stream holds it. Returns the role and its API port.
+async fn publish_with_lost_acks(
+    setup: &Setup,
+    nats: &NatsServer,
+    proxy: &AckSwallowingProxy,
+    window: u64,
+    burst: usize,
+) -> (Role, u16) {
+    let port = free_port().expect("port");
+    let env = setup.env(
+        nats,
+        &[
+            ("PORT", port.to_string()),
+            ("NATS_URL", proxy.url()),
+            ("NATS_DUPLICATE_WINDOW_SECS", window.to_string()),
+            ("OUTBOX_LOCK_SECS", "1".to_owned()),
+            ("NATS_ACK_TIMEOUT_SECS", "1".to_owned()),
+            ("ALERT_THRESHOLD", "1000".to_owned()),
+        ],
+    );
+    let all = spawn_role("all", &env, setup.log("all"));
+    setup.wait_api(port).await;
+    setup.create(port, "before").await;
+    messages_when(nats, 1).await;
+
+    proxy.swallow_acks(true);
+    for i in 0..burst {
+        setup.create(port, &format!("acks lost {i}")).await;
+    }
+    eventually(LONG, "every attempt's outcome unknown", || async {
+        (unknown_events(setup) == burst as i64).then_some(())
+    })
+    .await;
+    assert!(proxy.swallowed() >= burst as u64);
+    messages_when(nats, 1 + burst).await;
+    (all, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stored_before_an_outage_longer_than_the_window_are_found_not_stored_again() {
+    let mut nats = NatsServer::start().expect("nats");
+    let proxy = AckSwallowingProxy::start(address(&nats.url()))
+        .await
+        .expect("proxy");
+    let setup = Setup::new();
+    let burst = 5;
+    let (all, port) = publish_with_lost_acks(&setup, &nats, &proxy, 3, burst).await;
+
+    // NATS goes away for longer than the 3 s duplicate window: a re-publish now would be
+    // stored a second time.
+    nats.stop();
+    proxy.swallow_acks(false);
+    proxy.drop_connections();
+    eventually(
+        LONG,
+        "the duplicate window to pass while NATS is down",
+        || async { (seconds_since_last_unknown(&setup) > 4.0).then_some(()) },
+    )
+    .await;
+    nats.restart().expect("restart");
+
+    eventually(LONG, "the outbox to drain", || async {
+        (setup.events() == 0).then_some(())
+    })
+    .await;
+    let messages: Vec<StoredMessage> = messages_when(&nats, 1 + burst).await;
+    assert_once_each(&messages, 1 + burst);
+    let found = counter(
+        &setup.client,
+        port,
+        "outbox_reconciled_total",
+        "already_stored",
+    )
+    .await;
+    assert_eq!(found, burst as f64, "each found in the stream by the read");
+    let logged = all.logged("looked up events an unknown attempt may have stored");
+    assert!(!logged.is_empty(), "the reconciliation is in the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn within_the_window_the_servers_deduplication_is_enough() {
+    let mut nats = NatsServer::start().expect("nats");
+    let proxy = AckSwallowingProxy::start(address(&nats.url()))
+        .await
+        .expect("proxy");
+    let setup = Setup::new();
+    let burst = 5;
+    let (_all, port) = publish_with_lost_acks(&setup, &nats, &proxy, 60, burst).await;
+
+    nats.stop();
+    proxy.swallow_acks(false);
+    proxy.drop_connections();
+    nats.restart().expect("restart");
+
+    eventually(LONG, "the outbox to drain", || async {
+        (setup.events() == 0).then_some(())
+    })
+    .await;
+    let messages = messages_when(&nats, 1 + burst).await;
+    assert_once_each(&messages, 1 + burst);
+    let dropped = counter(&setup.client, port, "outbox_publish_duplicates_total", "").await;
+    assert!(
+        dropped >= burst as f64,
+        "JetStream dropped the re-publishes: {dropped}"
+    );
+    let read = counter(&setup.client, port, "outbox_reconciled_total", "").await;
+    assert_eq!(read, 0.0, "no read of the stream within the window");
+}
