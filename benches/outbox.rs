@@ -16,6 +16,8 @@
 //! 3. Backlog drain by sweeps of 1,000 against raw JetStream publishing of the same messages.
 //! 4. Sweep cost (empty claim, 1,000-event claim) with 1k / 100k / 1M rows waiting.
 //! 5. Peak RSS of `ticketing all` draining the scenario-3 backlog.
+//! 6. Reconciliation past the duplicate window: events of unknown outcome, half of them in the
+//!    stream, drained by sweeps that read the stream first (against the drain of 3).
 
 #[path = "outbox/drain.rs"]
 mod drain;
@@ -27,6 +29,8 @@ mod latency;
 mod load;
 #[path = "outbox/peak_rss.rs"]
 mod peak_rss;
+#[path = "outbox/reconcile.rs"]
+mod reconcile;
 #[path = "outbox/seed.rs"]
 mod seed;
 #[path = "outbox/service.rs"]
@@ -84,6 +88,8 @@ struct Plan {
     latency_secs: f64,
     rtt_samples: usize,
     backlog: usize,
+    /// Scenario 6's events of unknown outcome.
+    reconcile_backlog: usize,
     sweep_sizes: Vec<usize>,
     empty_reps: usize,
     sweep_reps: usize,
@@ -114,6 +120,7 @@ impl Plan {
                 latency_secs: 1.0,
                 rtt_samples: 200,
                 backlog: 5_000,
+                reconcile_backlog: 1_000,
                 sweep_sizes: vec![1_000, 10_000],
                 empty_reps: 21,
                 sweep_reps: 3,
@@ -132,6 +139,7 @@ impl Plan {
                 latency_secs: 10.0,
                 rtt_samples: 2_000,
                 backlog: 100_000,
+                reconcile_backlog: 10_000,
                 sweep_sizes: vec![1_000, 100_000, 1_000_000],
                 empty_reps: 101,
                 sweep_reps: 11,
@@ -249,13 +257,14 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
         );
         latency::scenario_latency(&plan, &url, &token, peak_b, &mut rows).await?;
     }
+    let mut drained = None;
     if plan.runs(3) {
         println!(
             "\n[3] backlog drain of {} events (load {})",
             plan.backlog,
             env::load_average()
         );
-        drain::scenario_drain(&plan, &url, &mut rows).await?;
+        drained = Some(drain::scenario_drain(&plan, &url, &mut rows).await?);
     }
     if plan.runs(4) {
         println!(
@@ -270,6 +279,14 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             env::load_average()
         );
         peak_rss::scenario_memory(&plan, &url, &mut rows).await?;
+    }
+    if plan.runs(6) {
+        println!(
+            "\n[6] reconciliation past the duplicate window, {} events (load {})",
+            plan.reconcile_backlog,
+            env::load_average()
+        );
+        reconcile::scenario_reconcile(&plan, &url, drained, &mut rows).await?;
     }
 
     println!(

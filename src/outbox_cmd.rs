@@ -4,6 +4,7 @@
 use crate::settings::StoreSettings;
 use crate::startup::open_store;
 use clap::{Args, Subcommand};
+use common::display::human_age;
 use common::store::{OutboxAdmin, OutboxStats};
 use common::{EventId, OutboxEvent};
 use serde_json::json;
@@ -58,17 +59,6 @@ const RETRY_ALL_LIMIT: usize = 100_000;
 
 fn parse_event_id(s: &str) -> anyhow::Result<EventId> {
     EventId::parse(s).ok_or_else(|| anyhow::anyhow!("{s:?} is not an event id (24 hex characters)"))
-}
-
-/// "3m 05s", "2h 10m", "12s".
-pub fn human_age(seconds: i64) -> String {
-    let s = seconds.max(0);
-    match s {
-        0..60 => format!("{s}s"),
-        60..3600 => format!("{}m {:02}s", s / 60, s % 60),
-        3600..86400 => format!("{}h {:02}m", s / 3600, (s % 3600) / 60),
-        _ => format!("{}d {:02}h", s / 86400, (s % 86400) / 3600),
-    }
 }
 
 fn age_of(e: &OutboxEvent) -> String {
@@ -202,18 +192,4 @@ fn write_list(out: &mut impl Write, events: &[OutboxEvent]) -> std::io::Result<(
         writeln!(out, "(no events)")?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::human_age;
-
-    #[test]
-    fn ages_read_like_people_write_them() {
-        assert_eq!(human_age(5), "5s");
-        assert_eq!(human_age(185), "3m 05s");
-        assert_eq!(human_age(7800), "2h 10m");
-        assert_eq!(human_age(90000), "1d 01h");
-        assert_eq!(human_age(-3), "0s");
-    }
 }

@@ -136,6 +136,10 @@ pub struct DeliverySettings {
     /// finally delivered. Optional: without it, alerts are only logged at error level.
     #[arg(long, env = "ALERT_WEBHOOK_URL", hide_env_values = true)]
     pub alert_webhook_url: Option<String>,
+    /// At most one digest of events that newly kept failing per this many seconds, posted to
+    /// ALERT_WEBHOOK_URL (and one digest when all of them are delivered).
+    #[arg(long, env = "ALERT_DIGEST_SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    pub alert_digest_secs: u64,
     /// Failed publish attempts after which an event alerts.
     #[arg(long, env = "ALERT_THRESHOLD", default_value_t = 5, value_parser = clap::value_parser!(i64).range(1..))]
     pub alert_threshold: i64,

@@ -202,6 +202,7 @@ pub async fn build_delivery(
         stores.alerts.clone(),
         settings.alert_webhook_url.clone(),
         name.clone(),
+        Duration::from_secs(settings.alert_digest_secs),
     )?);
     let runner = Arc::new(SweepRunner::new(
         dispatcher.clone(),

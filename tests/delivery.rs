@@ -3,7 +3,7 @@
 
 mod support;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use support::delivery::{
@@ -52,7 +52,7 @@ async fn created_and_updated_tickets_reach_the_stream_through_the_change_feed() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_outage_loses_nothing_alerts_once_and_resolves() {
+async fn nats_outage_loses_nothing_and_is_told_in_digests_then_resolved() {
     let mut nats = NatsServer::start().expect("nats");
     let webhook = Webhook::start().await;
     let s = Setup::new();
@@ -65,6 +65,7 @@ async fn nats_outage_loses_nothing_alerts_once_and_resolves() {
                 ("PORT", port.to_string()),
                 ("ALERT_THRESHOLD", "3".into()),
                 ("ALERT_WEBHOOK_URL", webhook.url()),
+                ("ALERT_DIGEST_SECS", "2".into()),
             ],
         ),
         s.log("all"),
@@ -94,15 +95,20 @@ async fn nats_outage_loses_nothing_alerts_once_and_resolves() {
     assert!(failures.len() >= 3 && failures[0]["error"].as_str().is_some_and(|e| !e.is_empty()));
     assert!(failures[0]["at"].is_string());
     let _ = locked;
-    let firing = eventually(LONG, "200 firing alerts", || async {
-        let firing: Vec<Value> = webhook
-            .bodies()
-            .into_iter()
-            .filter(|b| b["resolved"] == json!(false))
-            .collect();
-        (firing.len() >= 200).then_some(firing)
+    let firing = eventually(LONG, "a firing digest of the 200 events", || async {
+        (webhook.events_told("firing") >= 200).then(|| webhook.digests("firing"))
     })
     .await;
+    assert_eq!(
+        webhook.events_told("firing"),
+        200,
+        "each event in one digest"
+    );
+    assert!(
+        firing.len() <= 3,
+        "a few digests, not one per event: {}",
+        firing.len()
+    );
     let sample = &firing[0];
     assert!(
         sample["text"]
@@ -110,17 +116,16 @@ async fn nats_outage_loses_nothing_alerts_once_and_resolves() {
             .is_some_and(|t| t.contains("failed to publish"))
     );
     for field in [
-        "id",
-        "subject",
-        "aggregateId",
-        "version",
+        "events",
+        "tickets",
         "attempts",
-        "lastError",
-        "createdAt",
+        "oldestAgeSeconds",
+        "errors",
+        "sampleEventIds",
     ] {
         assert!(
-            !sample["event"][field].is_null(),
-            "alert event lacks {field}: {sample}"
+            !sample[field].is_null(),
+            "the digest lacks {field}: {sample}"
         );
     }
 
@@ -137,28 +142,15 @@ async fn nats_outage_loses_nothing_alerts_once_and_resolves() {
         .collect();
     assert_eq!(delivered, ids);
 
-    let bodies = eventually(LONG, "200 resolved alerts", || async {
-        let b = webhook.bodies();
-        (b.iter().filter(|b| b["resolved"] == json!(true)).count() >= 200).then_some(b)
+    let resolved = eventually(LONG, "one resolved digest", || async {
+        let r = webhook.digests("resolved");
+        (!r.is_empty()).then_some(r)
     })
     .await;
-    let mut per_event: HashMap<(String, bool), usize> = HashMap::new();
-    for b in &bodies {
-        let key = (
-            b["event"]["id"].as_str().expect("id").to_owned(),
-            b["resolved"].as_bool().expect("resolved"),
-        );
-        *per_event.entry(key).or_default() += 1;
-    }
-    assert_eq!(
-        per_event.len(),
-        400,
-        "one firing and one resolved alert per event"
-    );
-    assert!(
-        per_event.values().all(|n| *n == 1),
-        "never twice: {per_event:?}"
-    );
+    assert_eq!(resolved.len(), 1, "one resolved digest for the episode");
+    assert_eq!(resolved[0]["events"], 200);
+    assert!(resolved[0]["durationSeconds"].as_i64().is_some());
+    assert_eq!(webhook.events_told("firing"), 200, "no event fired twice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

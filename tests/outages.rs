@@ -1,13 +1,14 @@
-//! Outages of any length, end to end: a `ticketing all` process publishes through a TCP proxy of
-//! the test's own that lets publishes reach a real nats-server but swallows their PubAcks, so the
-//! outcome of those attempts is unknown while the stream stored them; then NATS goes away, for
-//! longer than JetStream's duplicate window or not, and comes back.
+//! Outages of any length, end to end. Exactly once: a `ticketing all` process publishes through a
+//! TCP proxy of the test's own that lets publishes reach a real nats-server but swallows their
+//! PubAcks, so the outcome of those attempts is unknown while the stream stored them; then NATS
+//! goes away, for longer than JetStream's duplicate window or not, and comes back. Alerts: an
+//! outage with thousands of events past the threshold is told in a few digests.
 
 mod support;
 
 use std::net::SocketAddr;
 use support::delivery::{
-    LONG, Role, Setup, StoredMessage, assert_once_each, messages_when, spawn_role,
+    LONG, Role, Setup, StoredMessage, Webhook, assert_once_each, messages_when, spawn_role,
 };
 use support::eventually;
 use testkit::{AckSwallowingProxy, NatsServer, free_port};
@@ -170,4 +171,106 @@ async fn within_the_window_the_servers_deduplication_is_enough() {
     );
     let read = counter(&setup.client, port, "outbox_reconciled_total", "").await;
     assert_eq!(read, 0.0, "no read of the stream within the window");
+}
+
+/// Events that alerted and are still in the outbox.
+fn alerted_events(setup: &Setup) -> i64 {
+    setup
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM events WHERE alerted_at IS NOT NULL",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_told_in_a_few_digests_and_one_resolved() {
+    let mut nats = NatsServer::start().expect("nats");
+    let webhook = Webhook::start().await;
+    webhook.set_down(true);
+    let setup = Setup::new();
+    let port = free_port().expect("port");
+    let all = spawn_role(
+        "all",
+        &setup.env(
+            &nats,
+            &[
+                ("PORT", port.to_string()),
+                ("ALERT_THRESHOLD", "1".to_owned()),
+                ("ALERT_WEBHOOK_URL", webhook.url()),
+                ("ALERT_DIGEST_SECS", "2".to_owned()),
+            ],
+        ),
+        setup.log("all"),
+    );
+    setup.wait_api(port).await;
+    nats.stop();
+
+    // 2,000 tickets during the outage, from 8 clients: each event fails and passes the
+    // threshold (1), while the webhook is down too.
+    let total = 2_000;
+    let clients = (0..8).map(|c| {
+        let setup = &setup;
+        async move {
+            for i in 0..total / 8 {
+                setup.create(port, &format!("outage {c}-{i}")).await;
+            }
+        }
+    });
+    futures::future::join_all(clients).await;
+    eventually(LONG, "every event past the threshold", || async {
+        (alerted_events(&setup) == total).then_some(())
+    })
+    .await;
+    eventually(LONG, "a digest refused by the webhook", || async {
+        (webhook.refused() > 0).then_some(())
+    })
+    .await;
+    assert!(webhook.bodies().is_empty());
+
+    // The webhook answers again: what waited goes out merged, not one digest per period missed.
+    webhook.set_down(false);
+    eventually(LONG, "digests telling of the 2,000 events", || async {
+        (webhook.events_told("firing") >= total as u64).then_some(())
+    })
+    .await;
+    let firing = webhook.digests("firing");
+    assert_eq!(
+        webhook.events_told("firing"),
+        total as u64,
+        "each event once"
+    );
+    assert!(firing.len() <= 3, "a handful of digests: {}", firing.len());
+    let told_tickets: u64 = firing.iter().filter_map(|d| d["tickets"].as_u64()).sum();
+    assert_eq!(told_tickets, total as u64, "one event per ticket here");
+    assert!(
+        firing[0]["errors"][0]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("NATS is not connected")),
+        "{}",
+        firing[0]
+    );
+
+    nats.restart().expect("restart");
+    eventually(LONG, "the outbox to drain", || async {
+        (setup.events() == 0).then_some(())
+    })
+    .await;
+    let resolved = eventually(LONG, "the resolved digest", || async {
+        let r = webhook.digests("resolved");
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    assert_eq!(resolved.len(), 1, "one resolved digest for the episode");
+    assert_eq!(resolved[0]["events"], total);
+    assert!(
+        resolved[0]["text"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("RESOLVED: all 2000 outbox events")),
+        "{}",
+        resolved[0]
+    );
+    assert!(!all.logged("alert digest sent to the webhook").is_empty());
 }

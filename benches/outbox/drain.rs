@@ -56,11 +56,12 @@ pub(crate) async fn raw_window(
     Ok(t.elapsed())
 }
 
+/// Returns the drain rate, events/s (scenario 6's baseline).
 pub(crate) async fn scenario_drain(
     plan: &Plan,
     url: &str,
     rows: &mut Vec<Row>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<f64> {
     let n = plan.backlog;
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("tickets.db");
@@ -145,5 +146,5 @@ pub(crate) async fn scenario_drain(
         target: "-".into(),
         verdict: "-",
     });
-    Ok(())
+    Ok(drain)
 }

@@ -17,6 +17,9 @@ pub enum Waiting {
     Failed,
     /// Held by another worker until an hour from now: the sweep finds nothing due.
     LockedFuture,
+    /// Published ten minutes ago with no PubAck (the outcome unknown: the stream may hold
+    /// them), then unlocked: past any duplicate window, the sweep reads the stream first.
+    Unknown,
 }
 
 /// The store's timestamp format (fixed-width UTC text).
@@ -37,18 +40,36 @@ pub fn backlog(path: &Path, n: usize, waiting: Waiting) -> anyhow::Result<()> {
     conn.pragma_update(None, "synchronous", "OFF")?;
     let now = Utc::now();
     let created = ts(now - chrono::Duration::minutes(10));
+    let failed = |error: &str, outcome| -> anyhow::Result<String> {
+        Ok(serde_json::to_string(&[Failure {
+            at: now - chrono::Duration::minutes(9),
+            error: error.to_owned(),
+            outcome,
+        }])?)
+    };
+    let unlocked = ts(now - chrono::Duration::minutes(9));
+    let mut unknown_since = None;
     let (is_locked, locked_until, locked_by, failures, attempts) = match waiting {
-        Waiting::Failed => {
-            let failure = vec![Failure {
-                at: now - chrono::Duration::minutes(9),
-                error: "NATS is not connected (nats://127.0.0.1:4222)".to_owned(),
-                outcome: AttemptOutcome::NotStored,
-            }];
+        Waiting::Failed => (
+            0,
+            unlocked,
+            None,
+            failed(
+                "NATS is not connected (nats://127.0.0.1:4222)",
+                AttemptOutcome::NotStored,
+            )?,
+            1,
+        ),
+        Waiting::Unknown => {
+            unknown_since = Some(ts(now - chrono::Duration::minutes(10)));
             (
                 0,
-                ts(now - chrono::Duration::minutes(9)),
+                unlocked,
                 None,
-                serde_json::to_string(&failure)?,
+                failed(
+                    "timed out: didn't receive ack in time",
+                    AttemptOutcome::Unknown,
+                )?,
                 1,
             )
         }
@@ -68,8 +89,8 @@ pub fn backlog(path: &Path, n: usize, waiting: Waiting) -> anyhow::Result<()> {
         )?;
         let mut events = tx.prepare(
             "INSERT INTO events (id, subject, data, aggregate_id, version, is_locked, \
-             locked_until, locked_by, failures, attempts, created_at, alerted_at) \
-             VALUES (?1, 'ticket.created', ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8, ?9, NULL)",
+             locked_until, locked_by, failures, attempts, created_at, alerted_at, unknown_since) \
+             VALUES (?1, 'ticket.created', ?2, ?3, 0, ?4, ?5, ?6, ?7, ?8, ?9, NULL, ?10)",
         )?;
         for i in 0..n {
             let ticket = Ticket {
@@ -92,6 +113,7 @@ pub fn backlog(path: &Path, n: usize, waiting: Waiting) -> anyhow::Result<()> {
                 failures,
                 attempts,
                 created,
+                unknown_since,
             ])?;
         }
     }
@@ -125,6 +147,7 @@ pub fn count_events(conn: &Connection) -> anyhow::Result<u64> {
 }
 
 /// One message as the outbox would publish it.
+#[derive(Clone)]
 pub struct Message {
     pub subject: String,
     pub payload: Vec<u8>,

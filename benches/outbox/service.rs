@@ -17,6 +17,7 @@ pub(crate) fn delivery_settings(url: &str, client: &str) -> DeliverySettings {
             auth: Default::default(),
         },
         alert_webhook_url: None,
+        alert_digest_secs: 60,
         alert_threshold: 5,
         sweep_batch_size: BATCH as u64,
     }

@@ -4,6 +4,7 @@
 //! package.
 
 pub mod backoff;
+pub mod display;
 pub mod domain;
 pub mod errors;
 pub mod jobs;

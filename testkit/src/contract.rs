@@ -33,6 +33,7 @@ macro_rules! __store_contract_checks {
             fresh_events_are_handed_out_claimed_in_commit_order,
             an_unknown_outcome_is_kept_with_the_event,
             alerts_are_claimed_once,
+            a_digest_turn_is_taken_once_per_period,
             stats_and_operator_commands,
             concurrent_claims_each_get_a_full_batch_while_enough_are_due,
             a_stale_failure_report_raises_no_alert,
@@ -322,7 +323,10 @@ pub async fn failures_unlock_keep_last_ten_and_alert_once(store: &dyn Store) {
         store.get_event(id).await.expect("get").expect("e").attempts,
         12
     );
-    let alerts = store.claim_alerts(10, &lease("a")).await.expect("alerts");
+    let alerts = store
+        .claim_alerts(AlertKind::Firing, 10, &lease("a"))
+        .await
+        .expect("alerts");
     assert_eq!(alerts.len(), 1);
     assert_eq!(alerts[0].kind, AlertKind::Firing);
     assert_eq!(alerts[0].event.id, id);
@@ -346,12 +350,23 @@ pub async fn complete_deletes_and_resolves_alerted(store: &dyn Store) {
         .fail(&[alerted], &l, &failed("boom", 1))
         .await
         .expect("fail");
-    let fired = store.claim_alerts(10, &lease("a")).await.expect("alerts");
+    let fired = store
+        .claim_alerts(AlertKind::Firing, 10, &lease("a"))
+        .await
+        .expect("alerts");
     assert_eq!(fired.len(), 1);
-    store.delete_alert(&fired[0].id).await.expect("delete");
+    assert_eq!(store.alerted_events().await.expect("alerted"), 1);
+    store
+        .delete_alerts(&[fired[0].id.clone()])
+        .await
+        .expect("delete");
     store.complete(&[quiet, alerted]).await.expect("complete");
     assert!(store.list_events(10, None).await.expect("list").is_empty());
-    let resolved = store.claim_alerts(10, &lease("a")).await.expect("alerts");
+    assert_eq!(store.alerted_events().await.expect("alerted"), 0);
+    let resolved = store
+        .claim_alerts(AlertKind::Resolved, 10, &lease("a"))
+        .await
+        .expect("alerts");
     assert_eq!(
         resolved.len(),
         1,
@@ -540,13 +555,70 @@ pub async fn alerts_are_claimed_once(store: &dyn Store) {
     let l = lease("w");
     store.claim_fresh(&[id], &l).await.expect("c");
     store.fail(&[id], &l, &failed("boom", 1)).await.expect("f");
-    let a = store.claim_alerts(10, &lease("a")).await.expect("claim");
-    let b = store.claim_alerts(10, &lease("b")).await.expect("claim");
+    let claim = |who| async move {
+        store
+            .claim_alerts(AlertKind::Firing, 10, &lease(who))
+            .await
+            .expect("claim")
+    };
+    let (a, b) = (claim("a").await, claim("b").await);
     assert_eq!((a.len(), b.len()), (1, 0));
-    store.release_alert(&a[0].id).await.expect("release");
-    let again = store.claim_alerts(10, &lease("b")).await.expect("claim");
+    assert!(
+        store
+            .claim_alerts(AlertKind::Resolved, 10, &lease("c"))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "one kind at a time"
+    );
+    store
+        .release_alerts(&[a[0].id.clone()], true)
+        .await
+        .expect("release");
+    let again = claim("b").await;
     assert_eq!(again.len(), 1);
-    assert_eq!(again[0].attempts, 1);
+    assert_eq!(again[0].attempts, 1, "a failed post counts");
+    store
+        .release_alerts(&[a[0].id.clone()], false)
+        .await
+        .expect("release");
+    let later = claim("c").await;
+    assert_eq!(later[0].attempts, 1, "a post not made does not count");
+}
+
+/// Of several senders, one gets each turn to post a digest of a kind, and the next turn comes
+/// a period later.
+pub async fn a_digest_turn_is_taken_once_per_period(store: &dyn Store) {
+    let period = Duration::from_secs(60);
+    let turns = futures::future::join_all(
+        (0..4).map(|_| store.take_digest_turn(AlertKind::Firing, period)),
+    )
+    .await;
+    let taken = turns
+        .into_iter()
+        .filter(|t| *t.as_ref().expect("turn"))
+        .count();
+    assert_eq!(taken, 1, "one sender gets the turn");
+    assert!(
+        !store
+            .take_digest_turn(AlertKind::Firing, period)
+            .await
+            .expect("turn")
+    );
+    assert!(
+        store
+            .take_digest_turn(AlertKind::Resolved, period)
+            .await
+            .expect("turn"),
+        "each kind has its own turns"
+    );
+    // A period of zero: the last turn is long enough ago.
+    assert!(
+        store
+            .take_digest_turn(AlertKind::Firing, Duration::ZERO)
+            .await
+            .expect("turn")
+    );
 }
 
 pub async fn stats_and_operator_commands(store: &dyn Store) {
@@ -651,7 +723,7 @@ pub async fn a_stale_failure_report_raises_no_alert(store: &dyn Store) {
     assert_eq!(e.locked_by.as_deref(), Some(holder.token.as_str()));
     assert!(
         store
-            .claim_alerts(10, &lease("a"))
+            .claim_alerts(AlertKind::Firing, 10, &lease("a"))
             .await
             .expect("alerts")
             .is_empty()
@@ -663,7 +735,10 @@ pub async fn a_stale_failure_report_raises_no_alert(store: &dyn Store) {
         .expect("fail");
     assert_eq!(alerted.len(), 1);
     assert_eq!(alerted[0].attempts, 2);
-    let alerts = store.claim_alerts(10, &lease("a")).await.expect("alerts");
+    let alerts = store
+        .claim_alerts(AlertKind::Firing, 10, &lease("a"))
+        .await
+        .expect("alerts");
     assert_eq!(alerts.len(), 1);
     assert_eq!(alerts[0].event.attempts, 2);
     assert_eq!(alerts[0].event.last_error(), Some("error 2"));

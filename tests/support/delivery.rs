@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use testkit::NatsServer;
@@ -131,37 +132,77 @@ pub async fn stream_messages(nats_url: &str, stream: &str) -> Vec<StoredMessage>
 #[derive(Clone)]
 pub struct Webhook {
     pub addr: SocketAddr,
-    pub received: Arc<Mutex<Vec<Value>>>,
+    state: Arc<HookState>,
+}
+
+#[derive(Default)]
+struct HookState {
+    /// Bodies it answered 200 to.
+    received: Mutex<Vec<Value>>,
+    /// Posts it refused (503) while down.
+    refused: AtomicUsize,
+    down: AtomicBool,
 }
 
 impl Webhook {
     pub async fn start() -> Self {
-        let received = Arc::new(Mutex::new(Vec::new()));
+        let state = Arc::new(HookState::default());
         let app = axum::Router::new()
             .route(
                 "/hook",
                 post(
-                    |State(r): State<Arc<Mutex<Vec<Value>>>>, Json(body): Json<Value>| async move {
-                        r.lock().expect("lock").push(body);
-                        "ok"
+                    |State(s): State<Arc<HookState>>, Json(body): Json<Value>| async move {
+                        if s.down.load(Ordering::SeqCst) {
+                            s.refused.fetch_add(1, Ordering::SeqCst);
+                            return axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        s.received.lock().expect("lock").push(body);
+                        axum::http::StatusCode::OK
                     },
                 ),
             )
-            .with_state(received.clone());
+            .with_state(state.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { addr, received }
+        Self { addr, state }
     }
 
     pub fn url(&self) -> String {
         format!("http://{}/hook", self.addr)
     }
 
+    /// The bodies it took, in order.
     pub fn bodies(&self) -> Vec<Value> {
-        self.received.lock().expect("lock").clone()
+        self.state.received.lock().expect("lock").clone()
+    }
+
+    /// While down, it answers 503 and keeps nothing.
+    pub fn set_down(&self, down: bool) {
+        self.state.down.store(down, Ordering::SeqCst);
+    }
+
+    /// Posts it refused while down.
+    pub fn refused(&self) -> usize {
+        self.state.refused.load(Ordering::SeqCst)
+    }
+
+    /// The digests of `kind` (`firing` or `resolved`) it took.
+    pub fn digests(&self, kind: &str) -> Vec<Value> {
+        self.bodies()
+            .into_iter()
+            .filter(|b| b["kind"] == kind)
+            .collect()
+    }
+
+    /// How many events the digests of `kind` told of, in all.
+    pub fn events_told(&self, kind: &str) -> u64 {
+        self.digests(kind)
+            .iter()
+            .filter_map(|b| b["events"].as_u64())
+            .sum()
     }
 }
 

@@ -10,15 +10,16 @@
 //! | [`FreshEvents`] | the change-feed consumer (first attempts) | `subscribe` |
 //! | [`Outbox`] | delivery, through [`crate::outbox::Claimed`] | `claim_fresh`, `claim_due`, `pending_versions`, `complete`, `release`, `fail` |
 //! | [`ChangeSource`] | the adapters' own change feeds ([`feed::Tail`]) | `changes`, `load_position`, `save_position` |
-//! | [`AlertQueue`] | the webhook sender | `claim_alerts`, `delete_alert`, `release_alert` |
+//! | [`AlertQueue`] | the webhook sender | `claim_alerts`, `delete_alerts`, `release_alerts`, `alerted_events`, `take_digest_turn` |
 //! | [`OutboxAdmin`] | operators, the gauges | `outbox_stats`, `get_event`, `list_events`, `unlock_events` |
 //!
 //! Every method is one atomic step; loops live in the callers.
 
 use crate::domain::{EventId, NewTicket, OutboxEvent, Ticket, TicketChanges, TicketId};
-use crate::outbox::{Alert, Claimer, FailedAttempt, Lease};
+use crate::outbox::{Alert, AlertKind, Claimer, FailedAttempt, Lease};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub mod feed;
@@ -175,16 +176,28 @@ pub trait Outbox: Send + Sync + 'static {
     ) -> Result<Vec<OutboxEvent>, StoreError>;
 }
 
-/// Alerts waiting for the webhook: an outbox of their own.
+/// Alerts waiting for the webhook: an outbox of their own, one record per event and kind,
+/// posted in digests.
 #[async_trait::async_trait]
 pub trait AlertQueue: Send + Sync + 'static {
-    /// Locks up to `limit` queued alerts that nobody is sending, so two senders never post one
-    /// alert twice.
-    async fn claim_alerts(&self, limit: usize, lease: &Lease) -> Result<Vec<Alert>, StoreError>;
-    /// Sent: forget it.
-    async fn delete_alert(&self, id: &str) -> Result<(), StoreError>;
-    /// Not sent: count the attempt and make it due again for the next sweep.
-    async fn release_alert(&self, id: &str) -> Result<(), StoreError>;
+    /// Locks up to `limit` queued alerts of `kind` that nobody is sending, oldest first, so two
+    /// senders never post one alert twice.
+    async fn claim_alerts(
+        &self,
+        kind: AlertKind,
+        limit: usize,
+        lease: &Lease,
+    ) -> Result<Vec<Alert>, StoreError>;
+    /// Sent: forget them.
+    async fn delete_alerts(&self, ids: &[String]) -> Result<(), StoreError>;
+    /// Not sent: due again at once; `attempted` counts a post that failed.
+    async fn release_alerts(&self, ids: &[String], attempted: bool) -> Result<(), StoreError>;
+    /// Events that alerted and are not delivered yet: an episode lasts while any is left.
+    async fn alerted_events(&self) -> Result<u64, StoreError>;
+    /// Takes the turn to post a digest of `kind` when the last one was taken at least `period`
+    /// ago (or never): of several senders, one gets each turn.
+    async fn take_digest_turn(&self, kind: AlertKind, period: Duration)
+    -> Result<bool, StoreError>;
 }
 
 /// What operators (`ticketing outbox`) and the gauges see and do.

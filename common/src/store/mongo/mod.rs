@@ -67,6 +67,8 @@ pub struct MongoStore {
     tickets: Collection<Document>,
     events: Collection<Document>,
     alerts: Collection<Document>,
+    /// `{_id: kind, sentAt}`: when the last digest of each kind was posted.
+    alert_digests: Collection<Document>,
     feed_positions: Collection<Document>,
     options: MongoOptions,
 }
@@ -118,6 +120,7 @@ impl MongoStore {
             tickets: db.collection("tickets"),
             events: db.collection("events"),
             alerts: db.collection("alerts"),
+            alert_digests: db.collection("alert_digests"),
             feed_positions: db.collection("feed_positions"),
             client,
             db,
@@ -196,7 +199,15 @@ impl MongoStore {
             .await
             .map_err(err)?;
         self.alerts
-            .create_indexes([index("alerts_due", doc! {"lockedUntil": 1}, false)])
+            .create_indexes([
+                index("alerts_due", doc! {"lockedUntil": 1}, false),
+                // Digests claim one kind at a time.
+                index(
+                    "alerts_due_by_kind",
+                    doc! {"kind": 1, "lockedUntil": 1},
+                    false,
+                ),
+            ])
             .await
             .map_err(err)?;
         Ok(())

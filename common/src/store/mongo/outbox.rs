@@ -7,12 +7,13 @@ use super::codec::{
 };
 use super::errors::Facts;
 use crate::domain::{EventId, OutboxEvent, TicketId};
-use crate::outbox::{Alert, FailedAttempt, Lease, rules};
+use crate::outbox::{Alert, AlertKind, FailedAttempt, Lease, rules};
 use crate::store::{AlertQueue, Outbox, PendingVersion, StoreError};
 use bson::oid::ObjectId;
 use bson::{Bson, Document, doc};
 use futures::FutureExt;
 use std::collections::HashMap;
+use std::time::Duration;
 
 /// Rounds of one `claim_due` while concurrent claimers keep taking its candidates.
 const CLAIM_ROUNDS: usize = 16;
@@ -273,7 +274,12 @@ impl Outbox for MongoStore {
 
 #[async_trait::async_trait]
 impl AlertQueue for MongoStore {
-    async fn claim_alerts(&self, limit: usize, lease: &Lease) -> Result<Vec<Alert>, StoreError> {
+    async fn claim_alerts(
+        &self,
+        kind: AlertKind,
+        limit: usize,
+        lease: &Lease,
+    ) -> Result<Vec<Alert>, StoreError> {
         if limit == 0 {
             return Ok(Vec::new());
         }
@@ -282,7 +288,7 @@ impl AlertQueue for MongoStore {
             .find_docs(
                 "claim_alerts",
                 &self.alerts,
-                doc! {"lockedUntil": {"$lte": now}},
+                doc! {"kind": kind.as_str(), "lockedUntil": {"$lte": now}},
                 Some(doc! {"lockedUntil": 1}),
                 Some(limit),
                 Some(doc! {"_id": 1}),
@@ -318,25 +324,64 @@ impl AlertQueue for MongoStore {
         Ok(alerts)
     }
 
-    async fn delete_alert(&self, id: &str) -> Result<(), StoreError> {
+    async fn delete_alerts(&self, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         self.alerts
-            .delete_one(doc! {"_id": id})
+            .delete_many(doc! {"_id": {"$in": ids}})
             .await
             .map(drop)
-            .map_err(|e| StoreError::backend("delete_alert", e))
+            .map_err(|e| StoreError::backend("delete_alerts", e))
     }
 
-    async fn release_alert(&self, id: &str) -> Result<(), StoreError> {
+    async fn release_alerts(&self, ids: &[String], attempted: bool) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
         self.alerts
-            .update_one(
-                doc! {"_id": id},
+            .update_many(
+                doc! {"_id": {"$in": ids}},
                 doc! {
-                    "$inc": {"attempts": 1_i64},
+                    "$inc": {"attempts": i64::from(attempted)},
                     "$set": {"lockedUntil": to_bson_date(rules::now()), "lockedBy": Bson::Null},
                 },
             )
             .await
             .map(drop)
-            .map_err(|e| StoreError::backend("release_alert", e))
+            .map_err(|e| StoreError::backend("release_alerts", e))
+    }
+
+    async fn alerted_events(&self) -> Result<u64, StoreError> {
+        // `$type: date` (alertedAt is a date or null) matches `events_alerted`'s filter.
+        self.events
+            .count_documents(doc! {"alertedAt": {"$type": "date"}})
+            .await
+            .map_err(|e| StoreError::backend("alerted_events", e))
+    }
+
+    async fn take_digest_turn(
+        &self,
+        kind: AlertKind,
+        period: Duration,
+    ) -> Result<bool, StoreError> {
+        let now = rules::now();
+        let due = now - chrono::Duration::from_std(period).unwrap_or_default();
+        // Matches only a turn taken long enough ago; when the kind has no document yet, the
+        // upsert inserts it. A turn taken more recently matches nothing, so the upsert tries to
+        // insert a second document with the same `_id`: a duplicate key, and not our turn.
+        let taken = self
+            .alert_digests
+            .update_one(
+                doc! {"_id": kind.as_str(), "sentAt": {"$lte": to_bson_date(due)}},
+                doc! {"$set": {"sentAt": to_bson_date(now)}},
+            )
+            .upsert(true)
+            .await;
+        match taken {
+            Ok(r) => Ok(r.modified_count == 1 || r.upserted_id.is_some()),
+            Err(e) if Facts::of(&e).is_duplicate_key() => Ok(false),
+            Err(e) => Err(StoreError::backend("take_digest_turn", e)),
+        }
     }
 }

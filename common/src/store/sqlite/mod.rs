@@ -43,6 +43,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0002_events_alerted.sql"),
     include_str!("../../../migrations/0003_events_failing.sql"),
     include_str!("../../../migrations/0004_events_unknown_since.sql"),
+    include_str!("../../../migrations/0005_alert_digests.sql"),
 ];
 const MAX_IDLE_READERS: usize = 8;
 

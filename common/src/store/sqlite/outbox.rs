@@ -6,10 +6,11 @@ use super::codec::{
     alert_from_row, event_from_row, parse_oid, placeholders, queue_alert, select_event, to_json, ts,
 };
 use crate::domain::{EventId, OutboxEvent, TicketId};
-use crate::outbox::{Alert, FailedAttempt, Lease, rules};
+use crate::outbox::{Alert, AlertKind, FailedAttempt, Lease, rules};
 use crate::store::{AlertQueue, Outbox, PendingVersion, StoreError};
 use chrono::Utc;
 use rusqlite::{OptionalExtension, params, params_from_iter};
+use std::time::Duration;
 
 /// Most values bound in one `IN (...)` list (SQLite allows 32,766 variables).
 pub(super) const IN_LIST_MAX: usize = 500;
@@ -199,37 +200,87 @@ impl Outbox for SqliteStore {
 
 #[async_trait::async_trait]
 impl AlertQueue for SqliteStore {
-    async fn claim_alerts(&self, limit: usize, lease: &Lease) -> Result<Vec<Alert>, StoreError> {
+    async fn claim_alerts(
+        &self,
+        kind: AlertKind,
+        limit: usize,
+        lease: &Lease,
+    ) -> Result<Vec<Alert>, StoreError> {
         let until = ts(lease.until);
         self.write_bookkeeping("claim_alerts", move |conn, _| {
             let mut stmt = conn.prepare_cached(
                 "UPDATE alerts SET locked_until = ?1 WHERE id IN \
-                 (SELECT id FROM alerts WHERE locked_until <= ?2 ORDER BY locked_until LIMIT ?3) \
+                 (SELECT id FROM alerts WHERE kind = ?2 AND locked_until <= ?3 \
+                  ORDER BY locked_until LIMIT ?4) \
                  RETURNING id, kind, event, created_at, attempts",
             )?;
-            stmt.query_map(params![until, ts(Utc::now()), limit as i64], alert_from_row)?
-                .collect()
+            let mut alerts = stmt
+                .query_map(
+                    params![until, kind.as_str(), ts(Utc::now()), limit as i64],
+                    alert_from_row,
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            alerts.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+            Ok(alerts)
         })
         .await
     }
 
-    async fn delete_alert(&self, id: &str) -> Result<(), StoreError> {
-        let id = id.to_owned();
-        self.write_bookkeeping("delete_alert", move |conn, _| {
-            conn.execute("DELETE FROM alerts WHERE id = ?1", [&id])
-                .map(drop)
+    async fn delete_alerts(&self, ids: &[String]) -> Result<(), StoreError> {
+        let ids = ids.to_vec();
+        self.write_bookkeeping("delete_alerts", move |conn, _| {
+            let mut stmt = conn.prepare_cached("DELETE FROM alerts WHERE id = ?1")?;
+            for id in &ids {
+                stmt.execute([id])?;
+            }
+            Ok(())
         })
         .await
     }
 
-    async fn release_alert(&self, id: &str) -> Result<(), StoreError> {
-        let id = id.to_owned();
-        self.write_bookkeeping("release_alert", move |conn, _| {
-            conn.execute(
-                "UPDATE alerts SET attempts = attempts + 1, locked_until = ?1 WHERE id = ?2",
-                params![ts(Utc::now()), id],
+    async fn release_alerts(&self, ids: &[String], attempted: bool) -> Result<(), StoreError> {
+        let ids = ids.to_vec();
+        self.write_bookkeeping("release_alerts", move |conn, _| {
+            let mut stmt = conn.prepare_cached(
+                "UPDATE alerts SET attempts = attempts + ?1, locked_until = ?2 WHERE id = ?3",
+            )?;
+            let now = ts(Utc::now());
+            for id in &ids {
+                stmt.execute(params![i64::from(attempted), now, id])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn alerted_events(&self) -> Result<u64, StoreError> {
+        self.read("alerted_events", |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM events INDEXED BY events_alerted WHERE alerted_at IS NOT NULL",
+                [],
+                |r| r.get::<_, i64>(0),
             )
-            .map(drop)
+        })
+        .await
+        .map(|n| n as u64)
+    }
+
+    async fn take_digest_turn(
+        &self,
+        kind: AlertKind,
+        period: Duration,
+    ) -> Result<bool, StoreError> {
+        self.write_bookkeeping("take_digest_turn", move |conn, _| {
+            let now = Utc::now();
+            let due = now - chrono::Duration::from_std(period).unwrap_or_default();
+            let taken = conn
+                .prepare_cached(
+                    "INSERT INTO alert_digests (kind, sent_at) VALUES (?1, ?2) \
+                     ON CONFLICT (kind) DO UPDATE SET sent_at = excluded.sent_at \
+                     WHERE alert_digests.sent_at <= ?3",
+                )?
+                .execute(params![kind.as_str(), ts(now), ts(due)])?;
+            Ok(taken == 1)
         })
         .await
     }
