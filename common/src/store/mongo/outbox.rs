@@ -1,11 +1,15 @@
-//! Claims and outcomes of the outbox, and the queue of alerts.
+//! Claims and outcomes of the outbox, and the queue of alerts. Leases are kept on the server's
+//! clock (`codec`'s pipelines write `lockedUntil` from `$$NOW`; "due" compares with the
+//! primary's `hello.localTime`); what a claim returns carries the claimer's own `lease.until`,
+//! the same lease on the clock the claimer compares it with.
 
 use super::MongoStore;
 use super::codec::{
-    Fields, alert_from_doc, alert_upsert, event_from_doc, event_state, in_order_of, object_ids,
-    to_bson_date,
+    Fields, alert_claim_pipeline, alert_from_doc, alert_release_pipeline, alert_upsert,
+    claim_pipeline, event_from_doc, failed_pipeline, in_order_of, lease_left_ms, object_ids,
+    to_bson_date, unlock_pipeline,
 };
-use super::errors::Facts;
+use super::errors::{self, Facts};
 use crate::domain::{EventId, OutboxEvent, TicketId};
 use crate::outbox::{Alert, FailedAttempt, Lease, rules};
 use crate::store::{AlertQueue, Outbox, PendingVersion, StoreError};
@@ -21,7 +25,8 @@ impl MongoStore {
     /// Locks those of `ids` that still match `condition` under `lease`, and returns them in the
     /// order of `ids`. Each document's update is atomic and re-checks the filter, so of several
     /// claimers exactly one matches each event; the token is unique per claim, so what carries it
-    /// is what this claim won.
+    /// is what this claim won (also after the write was sent again: what the first attempt took
+    /// carries the token already). Stored until the server's now plus what is left of the lease.
     async fn claim_ids(
         &self,
         op: &'static str,
@@ -31,32 +36,32 @@ impl MongoStore {
     ) -> Result<Vec<OutboxEvent>, StoreError> {
         let mut filter = doc! {"_id": {"$in": ids}};
         filter.extend(condition);
-        self.events
-            .update_many(
-                filter,
-                doc! {"$set": {
-                    "isLocked": true,
-                    "lockedBy": &lease.token,
-                    "lockedUntil": to_bson_date(lease.until),
-                }},
-            )
-            .await
-            .map_err(|e| StoreError::backend(op, e))?;
-        let claimed = self
+        let pipeline = claim_pipeline(&lease.token, lease_left_ms(lease.until, rules::now()));
+        self.multi_write(op, || {
+            self.events
+                .update_many(filter.clone(), pipeline.clone())
+                .into_future()
+        })
+        .await?;
+        let mut claimed = self
             .find_events(op, doc! {"_id": {"$in": ids}, "lockedBy": &lease.token})
             .await?;
+        // The stored `lockedUntil` is on the server's clock; the claimer compares with its own.
+        for event in &mut claimed {
+            event.locked_until = lease.until;
+        }
         Ok(in_order_of(claimed, ids))
     }
 
     /// Queues an alert unless one with its id is queued already (then this is a no-op).
     async fn queue_alert(&self, op: &'static str, alert: &Alert) -> Result<(), StoreError> {
-        let (filter, update) = alert_upsert(alert);
-        let result = self.alerts.update_one(filter, update).upsert(true).await;
+        let (filter, pipeline) = alert_upsert(alert);
+        let result = self.alerts.update_one(filter, pipeline).upsert(true).await;
         match result {
             Ok(_) => Ok(()),
             // Two upserts of one id raced: the other one queued it.
             Err(e) if Facts::of(&e).is_duplicate_key() => Ok(()),
-            Err(e) => Err(StoreError::backend(op, e)),
+            Err(e) => Err(errors::backend(op, e)),
         }
     }
 }
@@ -85,11 +90,15 @@ impl Outbox for MongoStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let now = rules::now();
         // What this claim takes is no longer due once locked until `lease.until`; a lease that
         // has already run out (only tests make one) would find the same events again.
-        let rounds = if lease.until > now { CLAIM_ROUNDS } else { 1 };
-        let now = to_bson_date(now);
+        let rounds = if lease.until > rules::now() {
+            CLAIM_ROUNDS
+        } else {
+            1
+        };
+        // Due on the server's clock, the one every `lockedUntil` was written with.
+        let now = to_bson_date(self.server_now("claim_due").await?);
         let mut claimed = Vec::with_capacity(limit);
         // Sweep lanes claim side by side and read the same first candidates; each document goes
         // to one of them, so a round can come back short while more is due. Another round then
@@ -190,29 +199,27 @@ impl Outbox for MongoStore {
         for alert in alerted.iter().filter_map(|e| rules::resolution(e, now)) {
             self.queue_alert("complete", &alert).await?;
         }
-        self.events
-            .delete_many(doc! {"_id": {"$in": &ids}})
-            .await
-            .map_err(|e| StoreError::backend("complete", e))?;
-        Ok(())
+        // A delete that failed would have the events published again once their lease ran out.
+        let filter = doc! {"_id": {"$in": &ids}};
+        self.multi_write("complete", || {
+            self.events.delete_many(filter.clone()).into_future()
+        })
+        .await
+        .map(drop)
     }
 
     async fn release(&self, ids: &[EventId], lease: &Lease) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
-        self.events
-            .update_many(
-                doc! {"_id": {"$in": object_ids(ids)}, "lockedBy": &lease.token},
-                doc! {"$set": {
-                    "isLocked": false,
-                    "lockedBy": Bson::Null,
-                    "lockedUntil": to_bson_date(rules::now()),
-                }},
-            )
-            .await
-            .map(drop)
-            .map_err(|e| StoreError::backend("release", e))
+        let filter = doc! {"_id": {"$in": object_ids(ids)}, "lockedBy": &lease.token};
+        self.multi_write("release", || {
+            self.events
+                .update_many(filter.clone(), unlock_pipeline())
+                .into_future()
+        })
+        .await
+        .map(drop)
     }
 
     async fn fail(
@@ -249,14 +256,14 @@ impl Outbox for MongoStore {
                     events
                         .update_one(
                             doc! {"_id": event.id.object_id(), "lockedBy": &token},
-                            doc! {"$set": event_state(&event)},
+                            failed_pipeline(&event),
                         )
                         .session(&mut *s)
                         .await?;
                     if let Some(alert) = alert {
-                        let (filter, update) = alert_upsert(&alert);
+                        let (filter, pipeline) = alert_upsert(&alert);
                         alerts
-                            .update_one(filter, update)
+                            .update_one(filter, pipeline)
                             .upsert(true)
                             .session(&mut *s)
                             .await?;
@@ -277,7 +284,7 @@ impl AlertQueue for MongoStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let now = to_bson_date(rules::now());
+        let now = to_bson_date(self.server_now("claim_alerts").await?);
         let candidates: Vec<Bson> = self
             .find_docs(
                 "claim_alerts",
@@ -294,13 +301,14 @@ impl AlertQueue for MongoStore {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        self.alerts
-            .update_many(
-                doc! {"_id": {"$in": &candidates}, "lockedUntil": {"$lte": now}},
-                doc! {"$set": {"lockedBy": &lease.token, "lockedUntil": to_bson_date(lease.until)}},
-            )
-            .await
-            .map_err(|e| StoreError::backend("claim_alerts", e))?;
+        let filter = doc! {"_id": {"$in": &candidates}, "lockedUntil": {"$lte": now}};
+        let pipeline = alert_claim_pipeline(&lease.token, lease_left_ms(lease.until, rules::now()));
+        self.multi_write("claim_alerts", || {
+            self.alerts
+                .update_many(filter.clone(), pipeline.clone())
+                .into_future()
+        })
+        .await?;
         let mut alerts = self
             .find_docs(
                 "claim_alerts",
@@ -323,20 +331,14 @@ impl AlertQueue for MongoStore {
             .delete_one(doc! {"_id": id})
             .await
             .map(drop)
-            .map_err(|e| StoreError::backend("delete_alert", e))
+            .map_err(|e| errors::backend("delete_alert", e))
     }
 
     async fn release_alert(&self, id: &str) -> Result<(), StoreError> {
         self.alerts
-            .update_one(
-                doc! {"_id": id},
-                doc! {
-                    "$inc": {"attempts": 1_i64},
-                    "$set": {"lockedUntil": to_bson_date(rules::now()), "lockedBy": Bson::Null},
-                },
-            )
+            .update_one(doc! {"_id": id}, alert_release_pipeline())
             .await
             .map(drop)
-            .map_err(|e| StoreError::backend("release_alert", e))
+            .map_err(|e| errors::backend("release_alert", e))
     }
 }
