@@ -316,7 +316,7 @@ pub(super) fn fresh_event_upsert(e: &OutboxEvent, fresh_lock_ms: i64) -> (Docume
 /// The pipeline that claims an event for `token` until the server's now plus `lease_ms`.
 pub(super) fn claim_pipeline(token: &str, lease_ms: i64) -> Vec<Document> {
     vec![doc! {"$set": {
-        "isLocked": true,
+        "isLocked": literal(true),
         "lockedBy": literal(token),
         "lockedUntil": server_now_plus(lease_ms),
     }}]
@@ -325,7 +325,7 @@ pub(super) fn claim_pipeline(token: &str, lease_ms: i64) -> Vec<Document> {
 /// The pipeline that unlocks an event, held by nobody and due at the server's now.
 pub(super) fn unlock_pipeline() -> Vec<Document> {
     vec![doc! {"$set": {
-        "isLocked": false,
+        "isLocked": literal(false),
         "lockedBy": literal(Bson::Null),
         "lockedUntil": "$$NOW",
     }}]
@@ -561,14 +561,18 @@ mod tests {
         assert_eq!(
             set,
             doc! {
-                "isLocked": true,
+                "isLocked": {"$literal": true},
                 "lockedBy": {"$literal": "$feed/1"},
                 "lockedUntil": {"$add": ["$$NOW", -1_000_i64]},
             }
         );
         assert_eq!(
             set_of(&unlock_pipeline()).clone(),
-            doc! {"isLocked": false, "lockedBy": {"$literal": null}, "lockedUntil": "$$NOW"}
+            doc! {
+                "isLocked": {"$literal": false},
+                "lockedBy": {"$literal": null},
+                "lockedUntil": "$$NOW",
+            }
         );
         assert_eq!(
             set_of(&alert_claim_pipeline("a/1", 5)).clone(),
