@@ -245,13 +245,15 @@ pub(super) fn explain(d: &Diagnosis, host: &str) -> String {
     }
 }
 
-/// What a failed start needs to probe the URI's hosts itself: their addresses, TLS as the URI
-/// asks, and the set name it expects.
+/// What the start-up check needs of the URI: whether it connects to one member alone, and, for
+/// a failed start, what to probe the URI's hosts with (their addresses, TLS as the URI asks, the
+/// set name it expects).
 #[derive(Debug, Clone)]
 pub(super) struct Probe {
     hosts: Vec<ServerAddress>,
     tls: Option<Tls>,
     expected_set: Option<String>,
+    direct: bool,
     timeout: Duration,
 }
 
@@ -261,6 +263,7 @@ impl Probe {
             hosts: options.hosts.iter().take(PROBED_HOSTS).cloned().collect(),
             tls: options.tls.clone(),
             expected_set: options.repl_set_name.clone(),
+            direct: options.direct_connection == Some(true),
             timeout: selection_timeout.min(PROBE_TIMEOUT),
         }
     }
@@ -365,11 +368,14 @@ pub(super) async fn check_deployment(
         Deployment::Mongos => None,
         Deployment::Standalone => Some(Diagnosis::Standalone),
         Deployment::NotInitiated => Some(Diagnosis::NotInitiated),
-        // Only a direct connection selects a member that is not the primary.
-        Deployment::ReplicaSet if !is_writable_primary(&reply) => Some(Diagnosis::NotPrimary {
-            set: reply.get_str("setName").unwrap_or_default().to_owned(),
-            state: member_state(&reply),
-        }),
+        // Only a direct connection selects a member that is not the primary (otherwise the
+        // primary answered, and may have stepped down since: writes will find the next one).
+        Deployment::ReplicaSet if probe.direct && !is_writable_primary(&reply) => {
+            Some(Diagnosis::NotPrimary {
+                set: reply.get_str("setName").unwrap_or_default().to_owned(),
+                state: member_state(&reply),
+            })
+        }
         Deployment::ReplicaSet => None,
     };
     match problem {
@@ -570,6 +576,7 @@ mod tests {
         let probe = Probe::of(&options, Duration::from_secs(30));
         assert_eq!(probe.hosts.len(), PROBED_HOSTS);
         assert_eq!(probe.expected_set.as_deref(), Some("rs0"));
+        assert!(!probe.direct);
         assert_eq!(probe.timeout, PROBE_TIMEOUT);
         assert_eq!(
             Probe::of(&options, Duration::from_millis(300)).timeout,
