@@ -16,11 +16,20 @@ pub struct StoreSettings {
     /// reserved before another worker may take it. Shorter than NATS_DUPLICATE_WINDOW_SECS.
     #[arg(long, env = "OUTBOX_LOCK_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub outbox_lock_secs: u64,
+    /// MongoDB only: how long, in seconds, a write waits for a majority of the replica set to
+    /// confirm it before it fails (503) instead of hanging behind a member that is down or
+    /// lagging.
+    #[arg(long, env = "MONGO_WRITE_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub mongo_write_timeout_secs: u64,
 }
 
 impl StoreSettings {
     pub fn lease(&self) -> Duration {
         Duration::from_secs(self.outbox_lock_secs)
+    }
+
+    pub fn mongo_write_timeout(&self) -> Duration {
+        Duration::from_secs(self.mongo_write_timeout_secs)
     }
 }
 

@@ -26,6 +26,7 @@ pub async fn open_store(settings: &StoreSettings) -> anyhow::Result<Arc<dyn Stor
     if let Some(uri) = &settings.mongo_uri {
         let options = common::store::mongo::MongoOptions {
             fresh_lock: settings.lease(),
+            write_timeout: settings.mongo_write_timeout(),
             ..Default::default()
         };
         // The URI may hold a password: log the database, not the URI.

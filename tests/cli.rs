@@ -104,6 +104,7 @@ fn help_describes_every_setting() {
         "SQLITE_PATH",
         "MONGO_URI",
         "OUTBOX_LOCK_SECS",
+        "MONGO_WRITE_TIMEOUT_SECS",
     ] {
         assert!(
             help.contains(&format!("[env: {var}")),

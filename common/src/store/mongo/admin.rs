@@ -1,25 +1,33 @@
 //! What operators and the gauges read and do.
 
 use super::MongoStore;
-use super::codec::{Fields, event_from_doc, object_ids, to_bson_date};
+use super::codec::{Fields, event_from_doc, object_ids, to_bson_date, unlock_pipeline};
+use super::errors;
 use crate::domain::{EventId, OutboxEvent};
-use crate::outbox::rules;
 use crate::store::{OutboxAdmin, OutboxStats, StoreError};
-use bson::{Bson, doc};
+use bson::doc;
 
 #[async_trait::async_trait]
 impl OutboxAdmin for MongoStore {
     async fn outbox_stats(&self, alert_threshold: i64) -> Result<OutboxStats, StoreError> {
-        let err = |e| StoreError::backend("outbox_stats", e);
-        let now = to_bson_date(rules::now());
-        // The collection's metadata count: O(1) however deep the outbox is (exact after a clean
-        // shutdown, which is all a gauge needs).
-        let depth = self.events.estimated_document_count().await.map_err(err)?;
+        let err = |e| errors::backend("outbox_stats", e);
+        // Due on the server's clock, as the sweep sees it.
+        let now = to_bson_date(self.server_now("outbox_stats").await?);
+        // Two counts of `events_due`'s key range, exact rather than the collection's metadata
+        // estimate (which drifts after an unclean shutdown, and which `locked` was derived
+        // from). `unlocked` is the bulk during an outage and was counted anyway; the locked
+        // events (claims in flight, fresh events) are few otherwise.
         let unlocked = self
             .events
             .count_documents(doc! {"lockedUntil": {"$lte": now}})
             .await
             .map_err(err)?;
+        let locked = self
+            .events
+            .count_documents(doc! {"lockedUntil": {"$gt": now}})
+            .await
+            .map_err(err)?;
+        let depth = unlocked + locked;
         let oldest = self
             .events
             .find_one(doc! {})
@@ -37,7 +45,7 @@ impl OutboxAdmin for MongoStore {
         let pending_alerts = self.alerts.estimated_document_count().await.map_err(err)?;
         Ok(OutboxStats {
             depth,
-            locked: depth.saturating_sub(unlocked),
+            locked,
             unlocked,
             oldest_created_at: oldest,
             past_alert_threshold: past,
@@ -49,7 +57,7 @@ impl OutboxAdmin for MongoStore {
         self.events
             .find_one(doc! {"_id": id.object_id()})
             .await
-            .map_err(|e| StoreError::backend("get_event", e))?
+            .map_err(|e| errors::backend("get_event", e))?
             .as_ref()
             .map(event_from_doc)
             .transpose()
@@ -85,17 +93,13 @@ impl OutboxAdmin for MongoStore {
         if ids.is_empty() {
             return Ok(0);
         }
-        self.events
-            .update_many(
-                doc! {"_id": {"$in": object_ids(ids)}},
-                doc! {"$set": {
-                    "isLocked": false,
-                    "lockedBy": Bson::Null,
-                    "lockedUntil": to_bson_date(rules::now()),
-                }},
-            )
-            .await
-            .map(|r| r.matched_count)
-            .map_err(|e| StoreError::backend("unlock_events", e))
+        let filter = doc! {"_id": {"$in": object_ids(ids)}};
+        self.multi_write("unlock_events", || {
+            self.events
+                .update_many(filter.clone(), unlock_pipeline())
+                .into_future()
+        })
+        .await
+        .map(|r| r.matched_count)
     }
 }

@@ -9,6 +9,11 @@
 //! - `alerts` `{_id: "{eventId}:{kind}", kind, event: {..an events document..}, createdAt,
 //!   attempts, lockedUntil, lockedBy}`
 //! - `feed_positions` `{_id: "change-feed", position: string}`
+//!
+//! Writes of `lockedUntil` are update pipelines that take the time from the server (`$$NOW`):
+//! a lease is measured on one clock, the primary's, whatever the pods' clocks say. Every other
+//! value in a pipeline is a `$literal`, so a string starting with `$` (a title, a claimer's
+//! name) is never read as a field path.
 
 use crate::domain::{
     AttemptOutcome, EventId, Failure, OutboxEvent, Payload, Subject, Ticket, TicketId,
@@ -260,11 +265,22 @@ pub(super) fn alert_doc(a: &Alert) -> Document {
     }
 }
 
-/// The upsert (filter, update) that queues an alert unless one with its id is queued already.
-pub(super) fn alert_upsert(a: &Alert) -> (Document, Document) {
+/// The upsert (filter, pipeline) that queues an alert, due at the server's now, unless one with
+/// its id is queued already: then every field keeps its value (`$ifNull`, the pipeline form of
+/// `$setOnInsert`; no field of a queued alert is null but `lockedBy`, which stays null).
+pub(super) fn alert_upsert(a: &Alert) -> (Document, Vec<Document>) {
     let mut fields = alert_doc(a);
     fields.remove("_id");
-    (doc! {"_id": &a.id}, doc! {"$setOnInsert": fields})
+    fields.remove("lockedUntil");
+    let mut set: Document = fields
+        .into_iter()
+        .map(|(k, v)| {
+            let keep = Bson::Document(doc! {"$ifNull": [format!("${k}"), literal(v)]});
+            (k, keep)
+        })
+        .collect();
+    set.insert("lockedUntil", doc! {"$ifNull": ["$lockedUntil", "$$NOW"]});
+    (doc! {"_id": &a.id}, vec![doc! {"$set": set}])
 }
 
 pub(super) fn alert_from_doc(d: &Document) -> Result<Alert, StoreError> {
@@ -279,6 +295,86 @@ pub(super) fn alert_from_doc(d: &Document) -> Result<Alert, StoreError> {
         created_at: f.date("createdAt")?,
         attempts: f.i64("attempts")?,
     })
+}
+
+/// A value a pipeline stage takes as it is (see the module's comment).
+pub(super) fn literal(v: impl Into<Bson>) -> Bson {
+    Bson::Document(doc! {"$literal": v.into()})
+}
+
+/// The `$set` fields of `fields`, each as a [`literal`].
+fn literals(fields: Document) -> Document {
+    fields.into_iter().map(|(k, v)| (k, literal(v))).collect()
+}
+
+/// The server's time now plus `ms` milliseconds (negative: in the past).
+fn server_now_plus(ms: i64) -> Bson {
+    Bson::Document(doc! {"$add": ["$$NOW", ms]})
+}
+
+/// What is left of a lease, in milliseconds (negative when it has run out), measured on the
+/// claimer's clock, where the lease was made: the stored lease runs as long from the server's
+/// now, so skew between the pods' clocks does not move it.
+pub(super) fn lease_left_ms(until: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
+    (until - now).num_milliseconds()
+}
+
+/// The upsert (filter, pipeline) of a ticket write's event: inserted as [`event_doc`] says, but
+/// reserved for the change feed until the server's now plus `fresh_lock_ms`. An upsert that
+/// inserts is an insert for the change stream, and for the unique `(aggregateId, version)`.
+pub(super) fn fresh_event_upsert(e: &OutboxEvent, fresh_lock_ms: i64) -> (Document, Vec<Document>) {
+    let mut fields = event_doc(e);
+    fields.remove("_id");
+    fields.remove("lockedUntil");
+    let mut set = literals(fields);
+    set.insert("lockedUntil", server_now_plus(fresh_lock_ms));
+    (doc! {"_id": e.id.object_id()}, vec![doc! {"$set": set}])
+}
+
+/// The pipeline that claims an event for `token` until the server's now plus `lease_ms`.
+pub(super) fn claim_pipeline(token: &str, lease_ms: i64) -> Vec<Document> {
+    vec![doc! {"$set": {
+        "isLocked": literal(true),
+        "lockedBy": literal(token),
+        "lockedUntil": server_now_plus(lease_ms),
+    }}]
+}
+
+/// The pipeline that unlocks an event, held by nobody and due at the server's now.
+pub(super) fn unlock_pipeline() -> Vec<Document> {
+    vec![doc! {"$set": {
+        "isLocked": literal(false),
+        "lockedBy": literal(Bson::Null),
+        "lockedUntil": "$$NOW",
+    }}]
+}
+
+/// The pipeline that stores a failed attempt ([`event_state`] as the failure rule left it),
+/// due at the server's now.
+pub(super) fn failed_pipeline(e: &OutboxEvent) -> Vec<Document> {
+    let mut state = event_state(e);
+    state.remove("lockedUntil");
+    let mut set = literals(state);
+    set.insert("lockedUntil", "$$NOW");
+    vec![doc! {"$set": set}]
+}
+
+/// The pipeline that claims an alert for `token` until the server's now plus `lease_ms`.
+pub(super) fn alert_claim_pipeline(token: &str, lease_ms: i64) -> Vec<Document> {
+    vec![doc! {"$set": {
+        "lockedBy": literal(token),
+        "lockedUntil": server_now_plus(lease_ms),
+    }}]
+}
+
+/// The pipeline that puts back an alert that was not sent: one more attempt, due at the
+/// server's now.
+pub(super) fn alert_release_pipeline(attempted: bool) -> Vec<Document> {
+    vec![doc! {"$set": {
+        "attempts": {"$add": ["$attempts", i64::from(attempted)]},
+        "lockedBy": literal(Bson::Null),
+        "lockedUntil": "$$NOW",
+    }}]
 }
 
 /// JSON to BSON, explicitly: integers stay integers (Int64), other numbers are doubles, so the
@@ -434,6 +530,145 @@ mod tests {
     fn json_numbers_keep_their_kind() {
         let v = json!({"i": 3, "f": 2.5, "whole": 20.0, "n": null, "a": [1, "x"], "neg": -4});
         assert_eq!(bson_to_json(&json_to_bson(&v)), v);
+    }
+
+    /// The `$set` fields of a one-stage pipeline.
+    fn set_of(pipeline: &[Document]) -> &Document {
+        assert_eq!(pipeline.len(), 1);
+        pipeline[0].get_document("$set").expect("a $set stage")
+    }
+
+    #[test]
+    fn a_fresh_event_is_inserted_literally_and_reserved_on_the_server_clock() {
+        let mut t = ticket(None);
+        t.title = "$price".into(); // a field path, were it not a literal
+        let e = OutboxEvent::for_ticket(
+            Subject::TicketCreated,
+            &t,
+            now(),
+            chrono::Duration::seconds(30),
+        );
+        let (filter, pipeline) = fresh_event_upsert(&e, 30_000);
+        assert_eq!(filter, doc! {"_id": e.id.object_id()});
+        let set = set_of(&pipeline);
+        assert!(!set.contains_key("_id"));
+        assert_eq!(
+            set.get("lockedUntil"),
+            Some(&Bson::Document(doc! {"$add": ["$$NOW", 30_000_i64]}))
+        );
+        // Every other field of the event document, as a literal of the same value.
+        let mut want = event_doc(&e);
+        want.remove("_id");
+        want.remove("lockedUntil");
+        assert_eq!(set.len(), want.len() + 1);
+        for (k, v) in &want {
+            assert_eq!(set.get(k), Some(&literal(v.clone())), "{k}");
+        }
+        let data = set
+            .get_document("data")
+            .expect("data")
+            .get_document("$literal");
+        assert_eq!(
+            data.expect("literal").get_str("title"),
+            Ok("$price"),
+            "the title stays a string"
+        );
+    }
+
+    #[test]
+    fn claims_and_unlocks_take_the_time_from_the_server() {
+        let set = set_of(&claim_pipeline("$feed/1", -1_000)).clone();
+        assert_eq!(
+            set,
+            doc! {
+                "isLocked": {"$literal": true},
+                "lockedBy": {"$literal": "$feed/1"},
+                "lockedUntil": {"$add": ["$$NOW", -1_000_i64]},
+            }
+        );
+        assert_eq!(
+            set_of(&unlock_pipeline()).clone(),
+            doc! {
+                "isLocked": {"$literal": false},
+                "lockedBy": {"$literal": null},
+                "lockedUntil": "$$NOW",
+            }
+        );
+        assert_eq!(
+            set_of(&alert_claim_pipeline("a/1", 5)).clone(),
+            doc! {"lockedBy": {"$literal": "a/1"}, "lockedUntil": {"$add": ["$$NOW", 5_i64]}}
+        );
+        assert_eq!(
+            set_of(&alert_release_pipeline(true)).clone(),
+            doc! {
+                "attempts": {"$add": ["$attempts", 1_i64]},
+                "lockedBy": {"$literal": null},
+                "lockedUntil": "$$NOW",
+            }
+        );
+        assert_eq!(
+            set_of(&alert_release_pipeline(false)).get_document("attempts").ok(),
+            Some(&doc! {"$add": ["$attempts", 0_i64]}),
+            "a post not made does not count"
+        );
+    }
+
+    #[test]
+    fn a_failure_is_stored_whole_and_due_at_the_server_now() {
+        let mut e = OutboxEvent::for_ticket(
+            Subject::TicketCreated,
+            &ticket(None),
+            now(),
+            chrono::Duration::seconds(30),
+        );
+        e.failures.push(Failure {
+            at: now(),
+            error: "$nats down".into(),
+            outcome: AttemptOutcome::Unknown,
+        });
+        e.unknown_since = Some(now());
+        let pipeline = failed_pipeline(&e);
+        let set = set_of(&pipeline);
+        let mut state = event_state(&e);
+        state.remove("lockedUntil");
+        for (k, v) in &state {
+            assert_eq!(set.get(k), Some(&literal(v.clone())), "{k}");
+        }
+        assert_eq!(set.get_str("lockedUntil"), Ok("$$NOW"));
+    }
+
+    #[test]
+    fn an_alert_is_queued_once_due_at_the_server_now() {
+        let e = OutboxEvent::for_ticket(
+            Subject::TicketCreated,
+            &ticket(None),
+            now(),
+            chrono::Duration::seconds(30),
+        );
+        let a = Alert::new(AlertKind::Firing, e, now());
+        let (filter, pipeline) = alert_upsert(&a);
+        assert_eq!(filter, doc! {"_id": &a.id});
+        let set = set_of(&pipeline);
+        assert_eq!(
+            set.get_document("kind").expect("kind").clone(),
+            doc! {"$ifNull": ["$kind", {"$literal": "firing"}]}
+        );
+        assert_eq!(
+            set.get_document("lockedUntil")
+                .expect("lockedUntil")
+                .clone(),
+            doc! {"$ifNull": ["$lockedUntil", "$$NOW"]}
+        );
+        let mut fields = alert_doc(&a);
+        fields.remove("_id");
+        assert_eq!(set.len(), fields.len(), "every field of a queued alert");
+    }
+
+    #[test]
+    fn what_is_left_of_a_lease_is_measured_on_the_claimers_clock() {
+        let t = now();
+        assert_eq!(lease_left_ms(t + chrono::Duration::seconds(30), t), 30_000);
+        assert_eq!(lease_left_ms(t - chrono::Duration::seconds(1), t), -1_000);
     }
 
     #[test]

@@ -1,11 +1,14 @@
 //! Where the MongoDB store picks its change feed: a change stream of inserts into `events`,
 //! tailed by [`Tail`] (the writers are other pods; the stream is what tells this one). A saved
 //! position is a resume token; one that fell off the oplog starts the stream from now, and the
-//! sweep delivers what that skips.
+//! sweep delivers what that skips. Every replica saves to one position document, which only
+//! moves forward (a lagging replica cannot move it back). Each (re)opening of the stream first
+//! creates the `events` indexes: a dropped collection invalidates the stream (which is then
+//! reopened), and is recreated by the next insert without them.
 
 use super::MongoStore;
 use super::codec::Fields;
-use super::errors::Facts;
+use super::errors::{self, Facts};
 use crate::domain::EventId;
 use crate::outbox::Claimer;
 use crate::store::feed::{FEED_NAME, Tail};
@@ -59,6 +62,7 @@ impl MongoStore {
 impl ChangeSource for MongoStore {
     /// The change stream of inserts into `events`. `None`: from now.
     async fn changes(&self, from: Option<FeedPosition>) -> Result<ChangeStream, StoreError> {
+        self.create_event_indexes().await?;
         let token = from.and_then(|p| match serde_json::from_str::<ResumeToken>(&p.0) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -79,14 +83,14 @@ impl ChangeSource for MongoStore {
                      (the sweep delivers what was missed)");
                 self.open_change_stream(None)
                     .await
-                    .map_err(|e| StoreError::backend("change_feed", e))?
+                    .map_err(|e| errors::backend("change_feed", e))?
             }
-            Err(e) => return Err(StoreError::backend("change_feed", e)),
+            Err(e) => return Err(errors::backend("change_feed", e)),
         };
         let feed = stream.filter_map(|item| async move {
             let change = match item {
                 Ok(change) => change,
-                Err(e) => return Some(Err(StoreError::backend("change_feed", e))),
+                Err(e) => return Some(Err(errors::backend("change_feed", e))),
             };
             let id = change
                 .document_key
@@ -113,7 +117,7 @@ impl ChangeSource for MongoStore {
             .feed_positions
             .find_one(doc! {"_id": FEED_NAME})
             .await
-            .map_err(|e| StoreError::backend("load_feed_position", e))?;
+            .map_err(|e| errors::backend("load_feed_position", e))?;
         found
             .map(|d| {
                 Fields::new("feed_positions", &d)
@@ -123,22 +127,58 @@ impl ChangeSource for MongoStore {
             .transpose()
     }
 
+    /// Saves `position` unless a later one is saved (`$max`: resume tokens' `_data` are hex
+    /// strings that sort in the order of the stream, and the JSON text around them is the same).
     async fn save_position(&self, position: &FeedPosition) -> Result<(), StoreError> {
-        self.feed_positions
+        let result = self
+            .feed_positions
             .update_one(
                 doc! {"_id": FEED_NAME},
-                doc! {"$set": {"position": &position.0}},
+                doc! {"$max": {"position": &position.0}},
             )
             .upsert(true)
-            .await
-            .map(drop)
-            .map_err(|e| StoreError::backend("save_feed_position", e))
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            // Two first saves raced: the other one created the document; save over it.
+            Err(e) if Facts::of(&e).is_duplicate_key() => self
+                .feed_positions
+                .update_one(
+                    doc! {"_id": FEED_NAME},
+                    doc! {"$max": {"position": &position.0}},
+                )
+                .await
+                .map(drop)
+                .map_err(|e| errors::backend("save_feed_position", e)),
+            Err(e) => Err(errors::backend("save_feed_position", e)),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn saved_positions_sort_as_the_stream_does() {
+        // Tokens of MongoDB 7 (v1 `_data`: cluster time first, then the event's key), in the
+        // order the stream gave them; the saved text is compared as a string by `$max`.
+        let tokens = [
+            r#"{"_data":"8265A1B2C3000000012B022C0100296E5A1004"}"#,
+            r#"{"_data":"8265A1B2C3000000022B022C0100296E5A1004"}"#,
+            r#"{"_data":"8265A1B2C4000000012B022C0100296E5A1004"}"#,
+            r#"{"_data":"8265A1B2C4000000012B042C0100296E5A1004"}"#,
+        ];
+        for pair in tokens.windows(2) {
+            let a: ResumeToken = serde_json::from_str(pair[0]).expect("token");
+            let b: ResumeToken = serde_json::from_str(pair[1]).expect("token");
+            let (a, b) = (
+                serde_json::to_string(&a).expect("json"),
+                serde_json::to_string(&b).expect("json"),
+            );
+            assert!(a < b, "{a} < {b}");
+        }
+    }
 
     #[test]
     fn resume_tokens_survive_a_json_round_trip() {

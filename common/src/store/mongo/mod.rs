@@ -12,21 +12,32 @@
 //! compares is to the millisecond (`outbox::rules::now`), so what it returns equals what it
 //! stored.
 //!
-//! Consistency: the database handle forces primary reads and majority writes whatever the URI
-//! says, so a claim read right after its update sees it, and an acknowledged write survives a
-//! failover. Ticket writes are multi-document transactions (snapshot read concern, majority
-//! write concern), retried a bounded number of times on the driver's transient labels.
+//! Consistency: the database handle forces primary reads and majority writes (with a write
+//! timeout) whatever the URI says, so a claim read right after its update sees it, an
+//! acknowledged write survives a failover, and a lagging majority fails a write instead of
+//! hanging it. Ticket writes are multi-document transactions (snapshot read concern, majority
+//! write concern), retried a bounded number of times on the driver's transient labels; a commit
+//! whose outcome stays unknown is read back. Multi-document outbox writes are sent once more
+//! after a step-down (`errors::retry_multi_write`).
+//!
+//! Leases run on the server's clock: a claim's `lockedUntil` is `$$NOW` plus what is left of
+//! the claimer's lease, and "due" means `lockedUntil <= ` the primary's `hello.localTime`, so
+//! pods whose clocks disagree still agree on who holds what (ARCHITECTURE.md).
 
 use crate::domain::OutboxEvent;
 use crate::store::{Health, StoreError};
 use bson::{Document, doc};
+use chrono::{DateTime, Utc};
 use codec::{event_from_doc, limit_i64};
-use connect::{check_replica_set, open_error};
+use connect::{Probe, check_deployment, database_name, open_error, server_time};
+use errors::{Facts, retry_multi_write};
 use futures::TryStreamExt;
 use mongodb::options::{
-    ClientOptions, DatabaseOptions, IndexOptions, ReadPreference, SelectionCriteria, WriteConcern,
+    Acknowledgment, ClientOptions, DatabaseOptions, IndexOptions, ReadPreference,
+    SelectionCriteria, WriteConcern,
 };
 use mongodb::{Client, Collection, Database, IndexModel};
+use std::future::Future;
 use std::time::Duration;
 
 mod admin;
@@ -38,8 +49,6 @@ mod outbox;
 mod tickets;
 mod txn;
 
-const DEFAULT_DATABASE: &str = "tickets";
-
 #[derive(Debug, Clone)]
 pub struct MongoOptions {
     /// How long a new event stays reserved for the change feed's first attempt before the sweep
@@ -48,6 +57,9 @@ pub struct MongoOptions {
     /// Server selection timeout used when the URI sets none (`serverSelectionTimeoutMS`): how
     /// long an operation waits for a reachable server, so a missing server fails clearly.
     pub server_selection_timeout: Duration,
+    /// How long a write waits for a majority of the replica set to confirm it (`wtimeout`,
+    /// `MONGO_WRITE_TIMEOUT_SECS`) before it fails as "unavailable" instead of hanging.
+    pub write_timeout: Duration,
 }
 
 impl Default for MongoOptions {
@@ -55,6 +67,7 @@ impl Default for MongoOptions {
         Self {
             fresh_lock: Duration::from_secs(30),
             server_selection_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -76,7 +89,9 @@ pub struct MongoStore {
 impl MongoStore {
     /// Connects, checks that the deployment can run transactions and change streams (a replica
     /// set or mongos), and creates the indexes (idempotent). The database is the URI's path
-    /// (`mongodb://host/tickets`), `tickets` when the URI names none.
+    /// (`mongodb://host/tickets`), `tickets` when the URI names none; `admin`, `local` and
+    /// `config` are refused. When no server can be selected, the URI's hosts are probed one by
+    /// one to say what is wrong (`connect::diagnose`).
     pub async fn open(uri: &str, options: MongoOptions) -> Result<Self, StoreError> {
         let mut client_options = ClientOptions::parse(uri).await.map_err(|e| {
             open_error(
@@ -97,11 +112,9 @@ impl MongoStore {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(",");
-        let name = client_options
-            .default_database
-            .clone()
-            .filter(|d| !d.is_empty())
-            .unwrap_or_else(|| DEFAULT_DATABASE.to_owned());
+        let name = database_name(client_options.default_database.as_deref())
+            .map_err(|message| open_error(message, None))?;
+        let probe = Probe::of(&client_options, timeout);
         let client = Client::with_options(client_options).map_err(|e| {
             open_error(
                 format!("cannot set up a MongoDB client for {hosts} (MONGO_URI)"),
@@ -112,10 +125,10 @@ impl MongoStore {
             &name,
             DatabaseOptions::builder()
                 .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
-                .write_concern(WriteConcern::majority())
+                .write_concern(majority_within(options.write_timeout))
                 .build(),
         );
-        check_replica_set(&db, &hosts, timeout).await?;
+        check_deployment(&db, &hosts, timeout, &probe).await?;
         let store = Self {
             tickets: db.collection("tickets"),
             events: db.collection("events"),
@@ -136,21 +149,85 @@ impl MongoStore {
         &self.db
     }
 
+    /// Majority, within the write timeout: what every write of this store asks for.
+    pub(super) fn write_concern(&self) -> WriteConcern {
+        majority_within(self.options.write_timeout)
+    }
+
+    /// The primary's clock, now (`hello.localTime`): what "due" is compared with, as the claims
+    /// that wrote `lockedUntil` used its `$$NOW`.
+    pub(super) async fn server_now(&self, op: &'static str) -> Result<DateTime<Utc>, StoreError> {
+        let reply = self
+            .db
+            .run_command(doc! {"hello": 1})
+            .await
+            .map_err(|e| errors::backend(op, e))?;
+        server_time(&reply).ok_or_else(|| {
+            StoreError::Corrupt(format!("{op}: the server's hello reply has no localTime"))
+        })
+    }
+
+    /// Runs a multi-document write (`update_many`, `delete_many`), sent once more when it failed
+    /// as [`retry_multi_write`] allows: MongoDB does not retry these itself, and each of ours is
+    /// idempotent (it re-checks its filter, or deletes what is gone already).
+    pub(super) async fn multi_write<T, F, Fut>(
+        &self,
+        op: &'static str,
+        mut write: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = mongodb::error::Result<T>>,
+    {
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match write().await {
+                Ok(v) => return Ok(v),
+                Err(e) if retry_multi_write(&Facts::of(&e), attempts) => {
+                    tracing::warn!(op, error = %e, "multi-document write failed as the primary changed; sending it once more");
+                }
+                Err(e) => return Err(errors::backend(op, e)),
+            }
+        }
+    }
+
     async fn create_indexes(&self) -> Result<(), StoreError> {
-        let model = |name: &str, keys: Document, unique: bool, partial: Option<Document>| {
-            IndexModel::builder()
-                .keys(keys)
-                .options(
-                    IndexOptions::builder()
-                        .name(name.to_owned())
-                        .unique(unique.then_some(true))
-                        .partial_filter_expression(partial)
-                        .build(),
-                )
-                .build()
-        };
-        let index = |name: &str, keys: Document, unique: bool| model(name, keys, unique, None);
-        let err = |e| StoreError::backend("open: create indexes", e);
+        let err = |e| errors::backend("open: create indexes", e);
+        self.create_event_indexes().await?;
+        // The listing of unreserved tickets: `{orderId: null, _id: {$gt: after}}` sorted by
+        // `_id`. A plain compound index rather than a partial one: a partial filter cannot say
+        // "orderId is missing" (`$exists: false` is not allowed there, and `{orderId: null}`
+        // equality is refused by servers before 7.0), and unreserved tickets are the bulk of the
+        // collection anyway.
+        self.tickets
+            .create_indexes([index(
+                "tickets_unreserved",
+                doc! {"orderId": 1, "_id": 1},
+                false,
+            )])
+            .await
+            .map_err(err)?;
+        self.alerts
+            .create_indexes([
+                index("alerts_due", doc! {"lockedUntil": 1}, false),
+                // Digests claim one kind at a time.
+                index(
+                    "alerts_due_by_kind",
+                    doc! {"kind": 1, "lockedUntil": 1},
+                    false,
+                ),
+            ])
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    /// The indexes of `events` (idempotent: a no-op when they exist). Also run whenever the
+    /// change stream is (re)opened: a dropped `events` collection is recreated by the next
+    /// insert without them, the unique `(aggregateId, version)` among them, and the stream it
+    /// invalidated is reopened (`feed`).
+    pub(super) async fn create_event_indexes(&self) -> Result<(), StoreError> {
         self.events
             .create_indexes([
                 // The sweep: "unlocked or lock expired" is `lockedUntil <= now`, one range scan,
@@ -184,33 +261,8 @@ impl MongoStore {
                 ),
             ])
             .await
-            .map_err(err)?;
-        // The listing of unreserved tickets: `{orderId: null, _id: {$gt: after}}` sorted by
-        // `_id`. A plain compound index rather than a partial one: a partial filter cannot say
-        // "orderId is missing" (`$exists: false` is not allowed there, and `{orderId: null}`
-        // equality is refused by servers before 7.0), and unreserved tickets are the bulk of the
-        // collection anyway.
-        self.tickets
-            .create_indexes([index(
-                "tickets_unreserved",
-                doc! {"orderId": 1, "_id": 1},
-                false,
-            )])
-            .await
-            .map_err(err)?;
-        self.alerts
-            .create_indexes([
-                index("alerts_due", doc! {"lockedUntil": 1}, false),
-                // Digests claim one kind at a time.
-                index(
-                    "alerts_due_by_kind",
-                    doc! {"kind": 1, "lockedUntil": 1},
-                    false,
-                ),
-            ])
-            .await
-            .map_err(err)?;
-        Ok(())
+            .map(drop)
+            .map_err(|e| errors::backend("create event indexes", e))
     }
 
     pub(super) async fn find_docs(
@@ -233,10 +285,10 @@ impl MongoStore {
             find = find.projection(projection);
         }
         find.await
-            .map_err(|e| StoreError::backend(op, e))?
+            .map_err(|e| errors::backend(op, e))?
             .try_collect()
             .await
-            .map_err(|e| StoreError::backend(op, e))
+            .map_err(|e| errors::backend(op, e))
     }
 
     pub(super) async fn find_events(
@@ -263,8 +315,33 @@ impl Health for MongoStore {
             .run_command(doc! {"ping": 1})
             .await
             .map(drop)
-            .map_err(|e| StoreError::backend("ping", e))
+            .map_err(|e| errors::backend("ping", e))
     }
+}
+
+/// `w: majority` with `wtimeout`: a write that a majority does not confirm in time fails
+/// (as "unavailable") instead of hanging every request behind a lagging secondary.
+fn majority_within(write_timeout: Duration) -> WriteConcern {
+    let mut concern = WriteConcern::from(Acknowledgment::Majority);
+    concern.w_timeout = Some(write_timeout);
+    concern
+}
+
+fn model(name: &str, keys: Document, unique: bool, partial: Option<Document>) -> IndexModel {
+    IndexModel::builder()
+        .keys(keys)
+        .options(
+            IndexOptions::builder()
+                .name(name.to_owned())
+                .unique(unique.then_some(true))
+                .partial_filter_expression(partial)
+                .build(),
+        )
+        .build()
+}
+
+fn index(name: &str, keys: Document, unique: bool) -> IndexModel {
+    model(name, keys, unique, None)
 }
 
 #[cfg(test)]
@@ -286,5 +363,49 @@ mod tests {
         assert!(chain.contains("MONGO_URI"), "{chain}");
         assert!(chain.contains("127.0.0.1:1"), "{chain}");
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    /// With `replicaSet=` the driver waits out the selection timeout whatever is wrong; the probe
+    /// that follows (nothing answers here either) stays within its own short timeout.
+    #[tokio::test]
+    async fn a_missing_replica_set_is_probed_and_fails_in_bounded_time() {
+        let started = Instant::now();
+        let err = MongoStore::open(
+            "mongodb://127.0.0.1:1,127.0.0.1:2/tickets?replicaSet=rs0&serverSelectionTimeoutMS=300",
+            MongoOptions::default(),
+        )
+        .await
+        .err()
+        .expect("no server on ports 1 and 2");
+        let chain = crate::error_chain(&err);
+        assert!(chain.contains("cannot reach MongoDB"), "{chain}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn the_admin_database_is_refused_before_connecting() {
+        let started = Instant::now();
+        let err = MongoStore::open(
+            "mongodb://user:secret@127.0.0.1:1/admin?replicaSet=rs0",
+            MongoOptions::default(),
+        )
+        .await
+        .err()
+        .expect("admin is refused");
+        let chain = crate::error_chain(&err);
+        assert!(chain.contains("`admin`"), "{chain}");
+        assert!(chain.contains("authSource=admin"), "the fix: {chain}");
+        assert!(!chain.contains("secret"), "{chain}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "refused at once"
+        );
+    }
+
+    #[test]
+    fn every_write_asks_a_majority_within_the_write_timeout() {
+        let concern = majority_within(Duration::from_secs(5));
+        assert_eq!(concern.w, Some(Acknowledgment::Majority));
+        assert_eq!(concern.w_timeout, Some(Duration::from_secs(5)));
     }
 }

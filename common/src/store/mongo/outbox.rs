@@ -1,11 +1,15 @@
-//! Claims and outcomes of the outbox, and the queue of alerts.
+//! Claims and outcomes of the outbox, and the queue of alerts. Leases are kept on the server's
+//! clock (`codec`'s pipelines write `lockedUntil` from `$$NOW`; "due" compares with the
+//! primary's `hello.localTime`); what a claim returns carries the claimer's own `lease.until`,
+//! the same lease on the clock the claimer compares it with.
 
 use super::MongoStore;
 use super::codec::{
-    Fields, alert_from_doc, alert_upsert, event_from_doc, event_state, in_order_of, object_ids,
-    to_bson_date,
+    Fields, alert_claim_pipeline, alert_from_doc, alert_release_pipeline, alert_upsert,
+    claim_pipeline, event_from_doc, failed_pipeline, in_order_of, lease_left_ms, object_ids,
+    to_bson_date, unlock_pipeline,
 };
-use super::errors::Facts;
+use super::errors::{self, Facts};
 use crate::domain::{EventId, OutboxEvent, TicketId};
 use crate::outbox::{Alert, AlertKind, FailedAttempt, Lease, rules};
 use crate::store::{AlertQueue, Outbox, PendingVersion, StoreError};
@@ -22,7 +26,8 @@ impl MongoStore {
     /// Locks those of `ids` that still match `condition` under `lease`, and returns them in the
     /// order of `ids`. Each document's update is atomic and re-checks the filter, so of several
     /// claimers exactly one matches each event; the token is unique per claim, so what carries it
-    /// is what this claim won.
+    /// is what this claim won (also after the write was sent again: what the first attempt took
+    /// carries the token already). Stored until the server's now plus what is left of the lease.
     async fn claim_ids(
         &self,
         op: &'static str,
@@ -32,32 +37,32 @@ impl MongoStore {
     ) -> Result<Vec<OutboxEvent>, StoreError> {
         let mut filter = doc! {"_id": {"$in": ids}};
         filter.extend(condition);
-        self.events
-            .update_many(
-                filter,
-                doc! {"$set": {
-                    "isLocked": true,
-                    "lockedBy": &lease.token,
-                    "lockedUntil": to_bson_date(lease.until),
-                }},
-            )
-            .await
-            .map_err(|e| StoreError::backend(op, e))?;
-        let claimed = self
+        let pipeline = claim_pipeline(&lease.token, lease_left_ms(lease.until, rules::now()));
+        self.multi_write(op, || {
+            self.events
+                .update_many(filter.clone(), pipeline.clone())
+                .into_future()
+        })
+        .await?;
+        let mut claimed = self
             .find_events(op, doc! {"_id": {"$in": ids}, "lockedBy": &lease.token})
             .await?;
+        // The stored `lockedUntil` is on the server's clock; the claimer compares with its own.
+        for event in &mut claimed {
+            event.locked_until = lease.until;
+        }
         Ok(in_order_of(claimed, ids))
     }
 
     /// Queues an alert unless one with its id is queued already (then this is a no-op).
     async fn queue_alert(&self, op: &'static str, alert: &Alert) -> Result<(), StoreError> {
-        let (filter, update) = alert_upsert(alert);
-        let result = self.alerts.update_one(filter, update).upsert(true).await;
+        let (filter, pipeline) = alert_upsert(alert);
+        let result = self.alerts.update_one(filter, pipeline).upsert(true).await;
         match result {
             Ok(_) => Ok(()),
             // Two upserts of one id raced: the other one queued it.
             Err(e) if Facts::of(&e).is_duplicate_key() => Ok(()),
-            Err(e) => Err(StoreError::backend(op, e)),
+            Err(e) => Err(errors::backend(op, e)),
         }
     }
 }
@@ -86,11 +91,15 @@ impl Outbox for MongoStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let now = rules::now();
         // What this claim takes is no longer due once locked until `lease.until`; a lease that
         // has already run out (only tests make one) would find the same events again.
-        let rounds = if lease.until > now { CLAIM_ROUNDS } else { 1 };
-        let now = to_bson_date(now);
+        let rounds = if lease.until > rules::now() {
+            CLAIM_ROUNDS
+        } else {
+            1
+        };
+        // Due on the server's clock, the one every `lockedUntil` was written with.
+        let now = to_bson_date(self.server_now("claim_due").await?);
         let mut claimed = Vec::with_capacity(limit);
         // Sweep lanes claim side by side and read the same first candidates; each document goes
         // to one of them, so a round can come back short while more is due. Another round then
@@ -191,29 +200,27 @@ impl Outbox for MongoStore {
         for alert in alerted.iter().filter_map(|e| rules::resolution(e, now)) {
             self.queue_alert("complete", &alert).await?;
         }
-        self.events
-            .delete_many(doc! {"_id": {"$in": &ids}})
-            .await
-            .map_err(|e| StoreError::backend("complete", e))?;
-        Ok(())
+        // A delete that failed would have the events published again once their lease ran out.
+        let filter = doc! {"_id": {"$in": &ids}};
+        self.multi_write("complete", || {
+            self.events.delete_many(filter.clone()).into_future()
+        })
+        .await
+        .map(drop)
     }
 
     async fn release(&self, ids: &[EventId], lease: &Lease) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
-        self.events
-            .update_many(
-                doc! {"_id": {"$in": object_ids(ids)}, "lockedBy": &lease.token},
-                doc! {"$set": {
-                    "isLocked": false,
-                    "lockedBy": Bson::Null,
-                    "lockedUntil": to_bson_date(rules::now()),
-                }},
-            )
-            .await
-            .map(drop)
-            .map_err(|e| StoreError::backend("release", e))
+        let filter = doc! {"_id": {"$in": object_ids(ids)}, "lockedBy": &lease.token};
+        self.multi_write("release", || {
+            self.events
+                .update_many(filter.clone(), unlock_pipeline())
+                .into_future()
+        })
+        .await
+        .map(drop)
     }
 
     async fn fail(
@@ -250,14 +257,14 @@ impl Outbox for MongoStore {
                     events
                         .update_one(
                             doc! {"_id": event.id.object_id(), "lockedBy": &token},
-                            doc! {"$set": event_state(&event)},
+                            failed_pipeline(&event),
                         )
                         .session(&mut *s)
                         .await?;
                     if let Some(alert) = alert {
-                        let (filter, update) = alert_upsert(&alert);
+                        let (filter, pipeline) = alert_upsert(&alert);
                         alerts
-                            .update_one(filter, update)
+                            .update_one(filter, pipeline)
                             .upsert(true)
                             .session(&mut *s)
                             .await?;
@@ -283,7 +290,7 @@ impl AlertQueue for MongoStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let now = to_bson_date(rules::now());
+        let now = to_bson_date(self.server_now("claim_alerts").await?);
         let candidates: Vec<Bson> = self
             .find_docs(
                 "claim_alerts",
@@ -300,13 +307,14 @@ impl AlertQueue for MongoStore {
         if candidates.is_empty() {
             return Ok(Vec::new());
         }
-        self.alerts
-            .update_many(
-                doc! {"_id": {"$in": &candidates}, "lockedUntil": {"$lte": now}},
-                doc! {"$set": {"lockedBy": &lease.token, "lockedUntil": to_bson_date(lease.until)}},
-            )
-            .await
-            .map_err(|e| StoreError::backend("claim_alerts", e))?;
+        let filter = doc! {"_id": {"$in": &candidates}, "lockedUntil": {"$lte": now}};
+        let pipeline = alert_claim_pipeline(&lease.token, lease_left_ms(lease.until, rules::now()));
+        self.multi_write("claim_alerts", || {
+            self.alerts
+                .update_many(filter.clone(), pipeline.clone())
+                .into_future()
+        })
+        .await?;
         let mut alerts = self
             .find_docs(
                 "claim_alerts",
@@ -332,7 +340,7 @@ impl AlertQueue for MongoStore {
             .delete_many(doc! {"_id": {"$in": ids}})
             .await
             .map(drop)
-            .map_err(|e| StoreError::backend("delete_alerts", e))
+            .map_err(|e| errors::backend("delete_alerts", e))
     }
 
     async fn release_alerts(&self, ids: &[String], attempted: bool) -> Result<(), StoreError> {
@@ -342,14 +350,11 @@ impl AlertQueue for MongoStore {
         self.alerts
             .update_many(
                 doc! {"_id": {"$in": ids}},
-                doc! {
-                    "$inc": {"attempts": i64::from(attempted)},
-                    "$set": {"lockedUntil": to_bson_date(rules::now()), "lockedBy": Bson::Null},
-                },
+                alert_release_pipeline(attempted),
             )
             .await
             .map(drop)
-            .map_err(|e| StoreError::backend("release_alerts", e))
+            .map_err(|e| errors::backend("release_alerts", e))
     }
 
     async fn alerted_events(&self) -> Result<u64, StoreError> {
@@ -357,7 +362,7 @@ impl AlertQueue for MongoStore {
         self.events
             .count_documents(doc! {"alertedAt": {"$type": "date"}})
             .await
-            .map_err(|e| StoreError::backend("alerted_events", e))
+            .map_err(|e| errors::backend("alerted_events", e))
     }
 
     async fn take_digest_turn(
@@ -365,7 +370,8 @@ impl AlertQueue for MongoStore {
         kind: AlertKind,
         period: Duration,
     ) -> Result<bool, StoreError> {
-        let now = rules::now();
+        // The server's clock, as for leases: replicas' clocks may disagree.
+        let now = self.server_now("take_digest_turn").await?;
         let due = now - chrono::Duration::from_std(period).unwrap_or_default();
         // Matches only a turn taken long enough ago; when the kind has no document yet, the
         // upsert inserts it. A turn taken more recently matches nothing, so the upsert tries to
@@ -381,7 +387,7 @@ impl AlertQueue for MongoStore {
         match taken {
             Ok(r) => Ok(r.modified_count == 1 || r.upserted_id.is_some()),
             Err(e) if Facts::of(&e).is_duplicate_key() => Ok(false),
-            Err(e) => Err(StoreError::backend("take_digest_turn", e)),
+            Err(e) => Err(errors::backend("take_digest_turn", e)),
         }
     }
 }

@@ -1,12 +1,12 @@
 //! Multi-document transactions, retried by the policy in `errors` ([`Budget::next`]).
 
 use super::MongoStore;
-use super::errors::{Budget, Contended, Facts, Next, Tries};
+use super::errors::{self, Budget, CommitUnknown, Contended, Facts, Next, Tries};
 use crate::backoff::{Backoff, jittered};
 use crate::store::StoreError;
 use futures::future::BoxFuture;
 use mongodb::ClientSession;
-use mongodb::options::{ReadConcern, ReadPreference, SelectionCriteria, WriteConcern};
+use mongodb::options::{ReadConcern, ReadPreference, SelectionCriteria};
 use std::time::{Duration, Instant};
 
 /// Attempts of one transaction (and, separately, of its commit), and the time they may take:
@@ -35,9 +35,10 @@ impl From<StoreError> for TxnError {
 }
 
 impl MongoStore {
-    /// Runs `body` in a multi-document transaction (snapshot reads, majority writes), retried
-    /// as [`Budget::next`] decides. `body` may run several times: it must build what it writes
-    /// itself.
+    /// Runs `body` in a multi-document transaction (snapshot reads, majority writes within the
+    /// write timeout), retried as [`Budget::next`] decides. `body` may run several times: it must
+    /// build what it writes itself. A commit whose outcome stayed unknown fails with
+    /// [`CommitUnknown`]: the caller reads back what it wrote (`tickets::settle`).
     pub(super) async fn transaction<T, F>(
         &self,
         op: &'static str,
@@ -65,7 +66,7 @@ impl MongoStore {
             session
                 .start_transaction()
                 .read_concern(ReadConcern::snapshot())
-                .write_concern(WriteConcern::majority())
+                .write_concern(self.write_concern())
                 .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
                 .await
                 .map_err(|e| StoreError::backend(op, e))?;
@@ -118,6 +119,10 @@ fn give_up(op: &'static str, next: Next, tries: Tries, e: mongodb::error::Error)
                 source: e,
             },
         ),
-        _ => StoreError::backend(op, e),
+        Next::OutcomeUnknown => {
+            tracing::warn!(op, commits = tries.commit, error = %e, "the commit's outcome is unknown past the retries; reading back what it wrote");
+            StoreError::backend(op, CommitUnknown { source: e })
+        }
+        _ => errors::backend(op, e),
     }
 }
