@@ -24,7 +24,13 @@ const SECONDS_BUCKETS: &[f64] = &[
     60.0,
 ];
 
-/// The process-wide Prometheus recorder (installed once, whatever calls it).
+/// How often the recorder's upkeep runs (see [`metrics_handle`]).
+pub const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// The process-wide Prometheus recorder (installed once, whatever calls it), with its upkeep
+/// running every [`METRICS_UPKEEP`]: the recorder keeps every histogram sample until something
+/// folds it into its buckets, which rendering `/metrics` does, so without the upkeep a process
+/// nobody scrapes grows by every request's samples. Counters and buckets stay cumulative.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -36,6 +42,19 @@ pub fn metrics_handle() -> PrometheusHandle {
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed");
+            }
+            // A thread rather than a task: the recorder outlives any one tokio runtime.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(METRICS_UPKEEP);
+                        upkeep.run_upkeep();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the metrics upkeep; histograms grow until scraped");
             }
             handle
         })
