@@ -409,6 +409,7 @@ impl Service {
                 nats: None,
                 nats_required: false,
                 redis: None,
+                jobs: None,
                 alert_threshold: i64::MAX,
             });
             let app =

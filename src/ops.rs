@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use worker::JetStreamPublisher;
+use worker::job::JobWorkerStatus;
 
 /// Longest a dependency check may take before it counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -71,6 +72,8 @@ pub struct Probes {
     pub nats_required: bool,
     /// Checked with a fresh connection each time, so readiness tells the truth about Redis now.
     pub redis: Option<redis::Client>,
+    /// The Redis job worker (`worker`): required, it is what retries failed events.
+    pub jobs: Option<Arc<JobWorkerStatus>>,
     pub alert_threshold: i64,
 }
 
@@ -108,6 +111,13 @@ impl Probes {
         })
     }
 
+    fn check_jobs(&self) -> Option<Value> {
+        Some(match self.jobs.as_ref()?.get() {
+            Ok(()) => json!({"status": "up", "required": true}),
+            Err(reason) => json!({"status": "down", "required": true, "error": reason}),
+        })
+    }
+
     /// Each dependency's state, and whether the role is ready.
     pub async fn readiness(&self) -> (bool, Value) {
         let mut checks = serde_json::Map::new();
@@ -119,6 +129,9 @@ impl Probes {
         }
         if let Some(v) = self.check_redis().await {
             checks.insert("redis".into(), v);
+        }
+        if let Some(v) = self.check_jobs() {
+            checks.insert("jobs".into(), v);
         }
         let ready = checks
             .values()

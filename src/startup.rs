@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use worker::alerts::Alerter;
-use worker::job::SweepRunner;
+use worker::job::{JobWorkerStatus, SweepRunner};
 use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsConfig};
 
 /// How long in-flight requests may take to finish after a shutdown signal.
@@ -231,6 +231,7 @@ pub async fn run_all(
         nats: Some(d.publisher.clone()),
         nats_required: false,
         redis: None,
+        jobs: None,
         alert_threshold: delivery.alert_threshold,
     });
     let app = Application::build(addr, store, jwt_key, probes).await?;
@@ -270,12 +271,14 @@ pub async fn run_worker(
 ) -> anyhow::Result<()> {
     ops::metrics_handle();
     let d = build_delivery(store.clone(), delivery, lease, &shutdown).await?;
+    let jobs = Arc::new(JobWorkerStatus::default());
     let probes = Arc::new(Probes {
         role: "worker",
         store: Some(store),
         nats: Some(d.publisher.clone()),
         nats_required: true,
         redis: Some(redis_client(&redis_url)?),
+        jobs: Some(jobs.clone()),
         alert_threshold: delivery.alert_threshold,
     });
     let feed = tokio::spawn(worker::feed::run(d.dispatcher.clone(), shutdown.clone()));
@@ -297,7 +300,7 @@ pub async fn run_worker(
         (
             "job worker",
             tokio::spawn(async move {
-                worker::job::run_redis_worker(runner, &redis_url, &name, jobs_shutdown).await
+                worker::job::run_redis_worker(runner, &redis_url, &name, jobs, jobs_shutdown).await
             }),
         ),
     ];
@@ -322,6 +325,7 @@ pub async fn run_scheduler(
         nats: None,
         nats_required: false,
         redis: Some(redis_client(&redis_url)?),
+        jobs: None,
         alert_threshold: 0,
     });
     let sched_shutdown = shutdown.clone();

@@ -199,7 +199,7 @@ async fn worker_and_scheduler_serve_health_on_their_own_port() {
         assert_eq!(metrics.status(), 200);
     }
     let (_, worker_ready) = get_json(&client, &format!("http://127.0.0.1:{wport}/readyz")).await;
-    for dep in ["store", "nats", "redis"] {
+    for dep in ["store", "nats", "redis", "jobs"] {
         assert_eq!(
             worker_ready["checks"][dep]["status"], "up",
             "{worker_ready}"
@@ -219,6 +219,14 @@ async fn worker_and_scheduler_serve_health_on_their_own_port() {
         let (alive, _) = get_json(&client, &format!("http://127.0.0.1:{port}/healthz")).await;
         assert_eq!(alive, 200, "still alive");
     }
+    // Without Redis the job worker cannot take jobs, and readiness says why.
+    let jobs = eventually(LONG, "the job worker to be down", || async {
+        let (_, body) = get_json(&client, &format!("http://127.0.0.1:{wport}/readyz")).await;
+        (body["checks"]["jobs"]["status"] == "down").then_some(body)
+    })
+    .await;
+    let reason = jobs["checks"]["jobs"]["error"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("job worker stopped: "), "{jobs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
