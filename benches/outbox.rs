@@ -18,12 +18,15 @@
 //! 2. Commit-to-receipt latency under (b) at 50% of its measured peak, open loop.
 //! 3. Backlog drain by sweeps of 1,000 against raw JetStream publishing of the same messages.
 //! 4. Sweep cost (empty claim, 1,000-event claim) with 1k / 100k / 1M rows waiting.
-//! 5. Peak RSS of `ticketing all` draining the scenario-3 backlog.
+//! 5. Peak RSS of `ticketing all` draining the scenario-3 backlog; its anonymous RSS under a
+//!    sustained create load that nothing scrapes (benches/outbox/memory.rs).
 
 #[path = "outbox/env.rs"]
 mod env;
 #[path = "outbox/load.rs"]
 mod load;
+#[path = "outbox/memory.rs"]
+mod memory;
 #[path = "outbox/seed.rs"]
 mod seed;
 #[path = "outbox/stores.rs"]
@@ -248,6 +251,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             env::load_average()
         );
         scenario_memory(&plan, &url, &mut rows).await?;
+        memory::sustained_load(&plan, &url, &token, &mut rows).await?;
     }
 
     println!(
