@@ -15,7 +15,8 @@
 //! 2. Commit-to-receipt latency under (b) at 50% of its measured peak, open loop.
 //! 3. Backlog drain by sweeps of 1,000 against raw JetStream publishing of the same messages.
 //! 4. Sweep cost (empty claim, 1,000-event claim) with 1k / 100k / 1M rows waiting.
-//! 5. Peak RSS of `ticketing all` draining the scenario-3 backlog.
+//! 5. Peak RSS of `ticketing all` draining the scenario-3 backlog; its anonymous RSS under a
+//!    sustained create load that nothing scrapes (benches/outbox/memory.rs).
 //! 6. Reconciliation past the duplicate window: events of unknown outcome, half of them in the
 //!    stream, drained by sweeps that read the stream first (against the drain of 3).
 
@@ -27,6 +28,8 @@ mod env;
 mod latency;
 #[path = "outbox/load.rs"]
 mod load;
+#[path = "outbox/memory.rs"]
+mod memory;
 #[path = "outbox/peak_rss.rs"]
 mod peak_rss;
 #[path = "outbox/reconcile.rs"]
@@ -279,6 +282,7 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             env::load_average()
         );
         peak_rss::scenario_memory(&plan, &url, &mut rows).await?;
+        memory::sustained_load(&plan, &url, &token, &mut rows).await?;
     }
     if plan.runs(6) {
         println!(

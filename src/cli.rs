@@ -137,6 +137,7 @@ pub async fn serve_api(args: ApiArgs) -> anyhow::Result<()> {
         nats: None,
         nats_required: false,
         redis: None,
+        jobs: None,
         alert_threshold: i64::MAX,
     });
     let app = Application::build(addr, store, &jwt_key, probes).await?;

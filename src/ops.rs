@@ -14,6 +14,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use worker::JetStreamPublisher;
+use worker::job::JobWorkerStatus;
 
 /// Longest a dependency check may take before it counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -24,7 +25,13 @@ const SECONDS_BUCKETS: &[f64] = &[
     60.0,
 ];
 
-/// The process-wide Prometheus recorder (installed once, whatever calls it).
+/// How often the recorder's upkeep runs (see [`metrics_handle`]).
+pub const METRICS_UPKEEP: Duration = Duration::from_secs(5);
+
+/// The process-wide Prometheus recorder (installed once, whatever calls it), with its upkeep
+/// running every [`METRICS_UPKEEP`]: the recorder keeps every histogram sample until something
+/// folds it into its buckets, which rendering `/metrics` does, so without the upkeep a process
+/// nobody scrapes grows by every request's samples. Counters and buckets stay cumulative.
 pub fn metrics_handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
@@ -36,6 +43,19 @@ pub fn metrics_handle() -> PrometheusHandle {
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed");
+            }
+            // A thread rather than a task: the recorder outlives any one tokio runtime.
+            let upkeep = handle.clone();
+            let spawned = std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(METRICS_UPKEEP);
+                        upkeep.run_upkeep();
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the metrics upkeep; histograms grow until scraped");
             }
             handle
         })
@@ -54,6 +74,8 @@ pub struct Probes {
     pub nats_required: bool,
     /// Checked with a fresh connection each time, so readiness tells the truth about Redis now.
     pub redis: Option<redis::Client>,
+    /// The Redis job worker (`worker`): required, it is what retries failed events.
+    pub jobs: Option<Arc<JobWorkerStatus>>,
     pub alert_threshold: i64,
 }
 
@@ -91,6 +113,13 @@ impl Probes {
         })
     }
 
+    fn check_jobs(&self) -> Option<Value> {
+        Some(match self.jobs.as_ref()?.get() {
+            Ok(()) => json!({"status": "up", "required": true}),
+            Err(reason) => json!({"status": "down", "required": true, "error": reason}),
+        })
+    }
+
     /// Each dependency's state, and whether the role is ready.
     pub async fn readiness(&self) -> (bool, Value) {
         let mut checks = serde_json::Map::new();
@@ -102,6 +131,9 @@ impl Probes {
         }
         if let Some(v) = self.check_redis().await {
             checks.insert("redis".into(), v);
+        }
+        if let Some(v) = self.check_jobs() {
+            checks.insert("jobs".into(), v);
         }
         let ready = checks
             .values()

@@ -67,7 +67,8 @@ pub struct NatsSettings {
     #[arg(long, env = "NATS_CLUSTER_ID", default_value = "ticketing", value_parser = parse_stream_name)]
     pub nats_cluster_id: String,
     /// Connection name, unique per process (the pod name on Kubernetes). Default: host name and
-    /// process id. Also the worker's name in outbox locks and in the job queue.
+    /// process id. Also the worker's name in outbox locks and, with a suffix per start, in the
+    /// job queue.
     #[arg(long, env = "NATS_CLIENT_ID")]
     pub nats_client_id: Option<String>,
     /// How long JetStream drops a re-published event (same `Nats-Msg-Id`), in seconds. Longer

@@ -15,7 +15,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use worker::alerts::Alerter;
-use worker::job::SweepRunner;
+use worker::job::{JobWorkerStatus, SweepRunner};
 use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsConfig};
 
 /// How long in-flight requests may take to finish after a shutdown signal.
@@ -267,6 +267,7 @@ pub async fn run_all(
         nats: Some(d.publisher.clone()),
         nats_required: false,
         redis: None,
+        jobs: None,
         alert_threshold: delivery.alert_threshold,
     });
     let app = Application::build(addr, stores.tickets.clone(), jwt_key, probes).await?;
@@ -310,6 +311,7 @@ pub async fn run_worker(
 ) -> anyhow::Result<()> {
     ops::metrics_handle();
     let d = build_delivery(&stores, delivery, lease, &shutdown).await?;
+    let jobs = Arc::new(JobWorkerStatus::default());
     let probes = Arc::new(Probes {
         role: "worker",
         store: Some(stores.health.clone()),
@@ -317,6 +319,7 @@ pub async fn run_worker(
         nats: Some(d.publisher.clone()),
         nats_required: true,
         redis: Some(redis_client(&redis_url)?),
+        jobs: Some(jobs.clone()),
         alert_threshold: delivery.alert_threshold,
     });
     let feed = tokio::spawn(worker::feed::run(
@@ -342,7 +345,7 @@ pub async fn run_worker(
         (
             "job worker",
             tokio::spawn(async move {
-                worker::job::run_redis_worker(runner, &redis_url, &name, jobs_shutdown).await
+                worker::job::run_redis_worker(runner, &redis_url, &name, jobs, jobs_shutdown).await
             }),
         ),
     ];
@@ -368,6 +371,7 @@ pub async fn run_scheduler(
         nats: None,
         nats_required: false,
         redis: Some(redis_client(&redis_url)?),
+        jobs: None,
         alert_threshold: 0,
     });
     let sched_shutdown = shutdown.clone();

@@ -372,3 +372,112 @@ async fn redis_outage_is_logged_and_recovered_from() {
     .await;
     assert_once_each(&messages_when(&nats, 5).await, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_and_restarted_under_its_own_name_takes_the_next_jobs() {
+    let mut nats = NatsServer::start().expect("nats");
+    let redis = RedisServer::start().expect("redis");
+    let s = Setup::new();
+    let port = free_port().expect("port");
+    let health = free_port().expect("port");
+    let _api = spawn_role(
+        "api",
+        &s.env(&nats, &[("PORT", port.to_string())]),
+        s.log("api"),
+    );
+    // The pod name survives a container restart: both processes are `worker-a`.
+    let env = s.env(
+        &nats,
+        &[
+            ("NATS_CLIENT_ID", "worker-a".into()),
+            ("REDIS_URL", redis.url()),
+            ("HEALTH_PORT", health.to_string()),
+        ],
+    );
+    let mut first = spawn_role("worker", &env, s.log("worker-a-1"));
+    let _scheduler = spawn_role(
+        "scheduler",
+        &s.env(&nats, &[("REDIS_URL", redis.url())]),
+        s.log("scheduler"),
+    );
+    s.wait_api(port).await;
+    // Killed right after a job: its registration in the queue is as fresh as it gets.
+    eventually(LONG, "the first worker to run a job", || async {
+        (!first.logged("RetryPublishingNATSEvents done").is_empty()).then_some(())
+    })
+    .await;
+    first.sigkill();
+
+    let second = spawn_role("worker", &env, s.log("worker-a-2"));
+    let readyz = format!("http://127.0.0.1:{health}/readyz");
+    let readiness = || async {
+        let res = s.client.get(&readyz).send().await.ok()?;
+        let status = res.status().as_u16();
+        Some((status, res.json::<Value>().await.ok()?))
+    };
+    // Connected to NATS (not necessarily ready: that is what this test is about).
+    eventually(LONG, "the restarted worker to connect to NATS", || async {
+        let (_, body) = readiness().await?;
+        (body["checks"]["nats"]["status"] == "up").then_some(())
+    })
+    .await;
+
+    nats.stop();
+    for i in 0..10 {
+        s.create(port, &format!("after the restart {i}")).await;
+    }
+    eventually(LONG, "every first attempt to fail", || async {
+        (s.events() == 10 && s.min_attempts() >= 1).then_some(())
+    })
+    .await;
+    nats.restart().expect("restart nats");
+    let back = std::time::Instant::now();
+    // Only a sweep (a job from the queue) retries a failed event.
+    eventually(
+        Duration::from_secs(10),
+        "the restarted worker's jobs to deliver every event",
+        || async { (s.events() == 0).then_some(()) },
+    )
+    .await;
+    eprintln!(
+        "outbox drained {:.1} s after NATS came back",
+        back.elapsed().as_secs_f64()
+    );
+    assert_once_each(&messages_when(&nats, 10).await, 10);
+    let ready = eventually(LONG, "readiness to see NATS back", || async {
+        let (status, body) = readiness().await?;
+        (body["checks"]["nats"]["status"] == "up").then_some((status, body))
+    })
+    .await;
+    assert_eq!(ready.0, 200, "{}", ready.1);
+    assert_eq!(ready.1["checks"]["jobs"]["status"], "up", "{}", ready.1);
+    let published: u64 = second
+        .logged("RetryPublishingNATSEvents done")
+        .iter()
+        .filter_map(|l| l["published"].as_u64())
+        .sum();
+    assert_eq!(
+        published, 10,
+        "the restarted worker's sweeps published the events"
+    );
+    let registered = second.logged("job worker registered in the job queue");
+    assert_eq!(registered.len(), 1, "registered at once, never refused");
+    assert!(
+        registered[0]["worker"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("worker-a@")),
+        "the pod name is in the queue's worker name: {registered:?}"
+    );
+    let blamed: Vec<Value> = second
+        .logs()
+        .into_iter()
+        .filter(|l| l["level"] == "ERROR" || l["level"] == "WARN")
+        .filter(|l| {
+            let line = l.to_string();
+            ["Redis", "job worker stopped", "still active"]
+                .iter()
+                .any(|n| line.contains(n))
+        })
+        .collect();
+    assert!(blamed.is_empty(), "nothing blames Redis: {blamed:?}");
+}

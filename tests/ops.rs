@@ -201,7 +201,7 @@ async fn worker_and_scheduler_serve_health_on_their_own_port() {
         assert_eq!(metrics.status(), 200);
     }
     let (_, worker_ready) = get_json(&client, &format!("http://127.0.0.1:{wport}/readyz")).await;
-    for dep in ["store", "nats", "redis"] {
+    for dep in ["store", "nats", "redis", "jobs"] {
         assert_eq!(
             worker_ready["checks"][dep]["status"], "up",
             "{worker_ready}"
@@ -221,6 +221,14 @@ async fn worker_and_scheduler_serve_health_on_their_own_port() {
         let (alive, _) = get_json(&client, &format!("http://127.0.0.1:{port}/healthz")).await;
         assert_eq!(alive, 200, "still alive");
     }
+    // Without Redis the job worker cannot take jobs, and readiness says why.
+    let jobs = eventually(LONG, "the job worker to be down", || async {
+        let (_, body) = get_json(&client, &format!("http://127.0.0.1:{wport}/readyz")).await;
+        (body["checks"]["jobs"]["status"] == "down").then_some(body)
+    })
+    .await;
+    let reason = jobs["checks"]["jobs"]["error"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("job worker stopped: "), "{jobs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,4 +442,63 @@ async fn outbox_commands_show_and_retry_failed_events() {
     let (_, text) = outbox(&db, &["stats", "--json"]);
     let stats: Value = serde_json::from_str(&text).expect("json");
     assert_eq!(stats["unlocked"], 3, "all three are due for the next sweep");
+}
+
+/// The recorder's upkeep (on a timer, so that a process nobody scrapes does not keep every
+/// histogram sample) changes nothing `/metrics` shows: counts and buckets stay cumulative.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_stay_cumulative_across_the_recorders_upkeep() {
+    let app = support::spawn_app().await;
+    let labels = [
+        r#"route="/api/tickets""#,
+        r#"method="POST""#,
+        r#"status="201""#,
+    ];
+    let scrape = || async {
+        let res = app.client.get(app.url("/metrics")).send().await;
+        res.expect("metrics").text().await.expect("text")
+    };
+    // (requests, histogram count, every bucket by its `le`), whatever this process counted before.
+    let created = |page: &str| {
+        let buckets: Vec<(String, f64)> = page
+            .lines()
+            .filter(|l| l.starts_with("http_request_duration_seconds_bucket{"))
+            .filter(|l| labels.iter().all(|n| l.contains(n)))
+            .filter_map(|l| {
+                let le = l.split("le=\"").nth(1)?.split('"').next()?.to_owned();
+                Some((le, l.rsplit(' ').next()?.parse().ok()?))
+            })
+            .collect();
+        (
+            metric_sum(page, "http_requests_total", &labels).unwrap_or(0.0),
+            metric_sum(page, "http_request_duration_seconds_count", &labels).unwrap_or(0.0),
+            buckets,
+        )
+    };
+    let (requests0, count0, _) = created(&scrape().await);
+    for i in 0..3 {
+        app.create_ok("u", &format!("before {i}"), 1.0).await;
+    }
+    let (requests, count, before) = created(&scrape().await);
+    assert_eq!((requests - requests0, count - count0), (3.0, 3.0));
+
+    let handle = ticketing::ops::metrics_handle();
+    handle.run_upkeep();
+    for i in 0..2 {
+        app.create_ok("u", &format!("after {i}"), 1.0).await;
+    }
+    handle.run_upkeep();
+    let (requests, count, after) = created(&scrape().await);
+    assert_eq!(
+        (requests - requests0, count - count0),
+        (5.0, 5.0),
+        "a scrape after an upkeep still counts every request"
+    );
+    assert_eq!(before.len(), after.len(), "the same buckets");
+    for ((le, was), (le_after, now)) in before.iter().zip(&after) {
+        assert_eq!(le, le_after);
+        assert!(now >= was, "bucket le={le} went from {was} to {now}");
+    }
+    let inf = after.iter().find(|(le, _)| le == "+Inf").map(|(_, v)| *v);
+    assert_eq!(inf, Some(count), "the +Inf bucket holds every sample");
 }

@@ -3,7 +3,7 @@
 use super::*;
 
 /// A child process killed on drop.
-pub(crate) struct Child(std::process::Child);
+pub(crate) struct Child(pub(crate) std::process::Child);
 
 impl Drop for Child {
     fn drop(&mut self) {

@@ -148,6 +148,7 @@ impl Service {
                 nats: None,
                 nats_required: false,
                 redis: None,
+                jobs: None,
                 alert_threshold: i64::MAX,
             });
             let app = Application::build((Ipv4Addr::LOCALHOST, 0).into(), tickets, JWT_KEY, probes)

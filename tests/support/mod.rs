@@ -37,6 +37,7 @@ pub async fn spawn_app() -> TestApp {
         nats: None,
         nats_required: false,
         redis: None,
+        jobs: None,
         alert_threshold: 5,
     });
     let app = Application::build(

@@ -162,18 +162,64 @@ pub async fn connect_redis(
     }
 }
 
+/// Whether the Redis job worker can take jobs, for `/readyz`: not before its registration in
+/// the queue succeeded, and not from when it stops until it is registered again.
+#[derive(Debug)]
+pub struct JobWorkerStatus(std::sync::Mutex<Result<(), String>>);
+
+impl Default for JobWorkerStatus {
+    fn default() -> Self {
+        Self(std::sync::Mutex::new(Err(
+            "not registered in the job queue yet".into(),
+        )))
+    }
+}
+
+impl JobWorkerStatus {
+    /// `Ok` while jobs can be taken, else why not.
+    pub fn get(&self) -> Result<(), String> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Sets the status, returning the previous one.
+    fn set(&self, status: Result<(), String>) -> Result<(), String> {
+        let mut current = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *current, status)
+    }
+}
+
+/// The worker's name in the job queue: `name` (`NATS_CLIENT_ID`), this process start and the
+/// monitor's restart count. apalis-redis refuses to register a name whose last heartbeat is
+/// under 30 s old ("still active within threshold"), and a container restarted by Kubernetes
+/// keeps its pod name: a name of its own per start and per restart is never refused.
+pub fn queue_worker_name(name: &str, started: std::time::SystemTime, restarts: usize) -> String {
+    let started = started
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    format!("{name}@{started}.{restarts}")
+}
+
 /// `ticketing worker`: runs the jobs the scheduler pushes into Redis until `shutdown`. A Redis
-/// outage restarts the apalis worker until Redis is back.
+/// outage restarts the apalis worker until Redis is back; `status` says whether it can take jobs.
 pub async fn run_redis_worker(
     runner: Arc<SweepRunner>,
     redis_url: &str,
     name: &str,
+    status: Arc<JobWorkerStatus>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let _ = status.set(Err("connecting to Redis (REDIS_URL)".into()));
     let Some(storage) = connect_redis(redis_url, &shutdown).await else {
         return Ok(());
     };
-    let name = name.to_owned();
+    let (name, started) = (name.to_owned(), std::time::SystemTime::now());
     let signal = {
         let shutdown = shutdown.clone();
         async move {
@@ -181,9 +227,18 @@ pub async fn run_redis_worker(
             Ok(())
         }
     };
+    let registered = status.clone();
     Monitor::new()
-        .should_restart(|ctx, err| {
-            tracing::error!(worker = %ctx.name(), error = %err, "job worker stopped (is Redis down?); restarting");
+        // Emitted once registered in the queue, then at every heartbeat.
+        .on_event(move |ctx, event| {
+            if matches!(event, Event::HeartBeat) && registered.set(Ok(())).is_err() {
+                tracing::info!(worker = %ctx.name(), "job worker registered in the job queue");
+            }
+        })
+        .should_restart(move |ctx, err| {
+            let _ = status.set(Err(format!("job worker stopped: {err}")));
+            tracing::error!(worker = %ctx.name(), error = %err,
+                "job worker stopped; registering again in the job queue in 1 s, under a new name");
             true
         })
         .register(move |restarts| {
@@ -196,7 +251,7 @@ pub async fn run_redis_worker(
                     Ok(())
                 })
                 .poll_with_interval(REDIS_POLL);
-            WorkerBuilder::new(name.clone())
+            WorkerBuilder::new(queue_worker_name(&name, started, restarts))
                 .backend(backend)
                 .concurrency(1)
                 .data(runner.clone())

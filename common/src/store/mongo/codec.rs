@@ -607,7 +607,9 @@ mod tests {
             }
         );
         assert_eq!(
-            set_of(&alert_release_pipeline(false)).get_document("attempts").ok(),
+            set_of(&alert_release_pipeline(false))
+                .get_document("attempts")
+                .ok(),
             Some(&doc! {"$add": ["$attempts", 0_i64]}),
             "a post not made does not count"
         );
