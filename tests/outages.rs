@@ -61,115 +61,123 @@ fn seconds_since_last_unknown(setup: &Setup) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// `ticketing all` through the proxy; `window` is the stream's duplicate window in seconds.
-/// Creates one ticket that is delivered (the stream exists), then `burst` tickets whose PubAcks
-/// the proxy swallows, and waits until each of those failed with an unknown outcome and the
-/// stream holds it. Returns the role and its API port.
-async fn publish_with_lost_acks(
-    setup: &Setup,
-    nats: &NatsServer,
-    proxy: &AckSwallowingProxy,
-    window: u64,
+/// A `ticketing all` process whose last `burst` events reached the stream with their PubAcks
+/// lost: each failed with an unknown outcome.
+struct LostAcks {
+    nats: NatsServer,
+    proxy: AckSwallowingProxy,
+    setup: Setup,
+    all: Role,
+    port: u16,
     burst: usize,
-) -> (Role, u16) {
-    let port = free_port().expect("port");
-    let env = setup.env(
-        nats,
-        &[
-            ("PORT", port.to_string()),
-            ("NATS_URL", proxy.url()),
-            ("NATS_DUPLICATE_WINDOW_SECS", window.to_string()),
-            ("OUTBOX_LOCK_SECS", "1".to_owned()),
-            ("NATS_ACK_TIMEOUT_SECS", "1".to_owned()),
-            ("ALERT_THRESHOLD", "1000".to_owned()),
-        ],
-    );
-    let all = spawn_role("all", &env, setup.log("all"));
-    setup.wait_api(port).await;
-    setup.create(port, "before").await;
-    messages_when(nats, 1).await;
+}
 
-    proxy.swallow_acks(true);
-    for i in 0..burst {
-        setup.create(port, &format!("acks lost {i}")).await;
+impl LostAcks {
+    /// `ticketing all` through the proxy, with a stream whose duplicate window is `window`
+    /// seconds. Creates one ticket that is delivered (the stream exists), then `burst` tickets
+    /// whose PubAcks the proxy swallows, and waits until each of those failed with an unknown
+    /// outcome and the stream holds it.
+    async fn start(window: u64, burst: usize) -> Self {
+        let nats = NatsServer::start().expect("nats");
+        let proxy = AckSwallowingProxy::start(address(&nats.url()))
+            .await
+            .expect("proxy");
+        let setup = Setup::new();
+        let port = free_port().expect("port");
+        let env = setup.env(
+            &nats,
+            &[
+                ("PORT", port.to_string()),
+                ("NATS_URL", proxy.url()),
+                ("NATS_DUPLICATE_WINDOW_SECS", window.to_string()),
+                ("OUTBOX_LOCK_SECS", "1".to_owned()),
+                ("NATS_ACK_TIMEOUT_SECS", "1".to_owned()),
+                ("ALERT_THRESHOLD", "1000".to_owned()),
+            ],
+        );
+        let all = spawn_role("all", &env, setup.log("all"));
+        setup.wait_api(port).await;
+        setup.create(port, "before").await;
+        messages_when(&nats, 1).await;
+
+        proxy.swallow_acks(true);
+        for i in 0..burst {
+            setup.create(port, &format!("acks lost {i}")).await;
+        }
+        eventually(LONG, "every attempt's outcome unknown", || async {
+            (unknown_events(&setup) == burst as i64).then_some(())
+        })
+        .await;
+        assert!(proxy.swallowed() >= burst as u64);
+        messages_when(&nats, 1 + burst).await;
+        Self {
+            nats,
+            proxy,
+            setup,
+            all,
+            port,
+            burst,
+        }
     }
-    eventually(LONG, "every attempt's outcome unknown", || async {
-        (unknown_events(setup) == burst as i64).then_some(())
-    })
-    .await;
-    assert!(proxy.swallowed() >= burst as u64);
-    messages_when(nats, 1 + burst).await;
-    (all, port)
+
+    /// NATS goes away: the server stops, the proxy forwards acks again and drops the
+    /// connections it carried.
+    fn nats_away(&mut self) {
+        self.nats.stop();
+        self.proxy.swallow_acks(false);
+        self.proxy.drop_connections();
+    }
+
+    /// NATS is back; once the outbox is empty, the stream holds every event exactly once.
+    async fn back_and_drained_once_each(&mut self) {
+        self.nats.restart().expect("restart");
+        eventually(LONG, "the outbox to drain", || async {
+            (self.setup.events() == 0).then_some(())
+        })
+        .await;
+        let messages: Vec<StoredMessage> = messages_when(&self.nats, 1 + self.burst).await;
+        assert_once_each(&messages, 1 + self.burst);
+    }
+
+    async fn counter(&self, name: &str, needle: &str) -> f64 {
+        counter(&self.setup.client, self.port, name, needle).await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_stored_before_an_outage_longer_than_the_window_are_found_not_stored_again() {
-    let mut nats = NatsServer::start().expect("nats");
-    let proxy = AckSwallowingProxy::start(address(&nats.url()))
-        .await
-        .expect("proxy");
-    let setup = Setup::new();
-    let burst = 5;
-    let (all, port) = publish_with_lost_acks(&setup, &nats, &proxy, 3, burst).await;
-
+    let mut lost = LostAcks::start(3, 5).await;
     // NATS goes away for longer than the 3 s duplicate window: a re-publish now would be
     // stored a second time.
-    nats.stop();
-    proxy.swallow_acks(false);
-    proxy.drop_connections();
+    lost.nats_away();
     eventually(
         LONG,
         "the duplicate window to pass while NATS is down",
-        || async { (seconds_since_last_unknown(&setup) > 4.0).then_some(()) },
+        || async { (seconds_since_last_unknown(&lost.setup) > 4.0).then_some(()) },
     )
     .await;
-    nats.restart().expect("restart");
-
-    eventually(LONG, "the outbox to drain", || async {
-        (setup.events() == 0).then_some(())
-    })
-    .await;
-    let messages: Vec<StoredMessage> = messages_when(&nats, 1 + burst).await;
-    assert_once_each(&messages, 1 + burst);
-    let found = counter(
-        &setup.client,
-        port,
-        "outbox_reconciled_total",
-        "already_stored",
-    )
-    .await;
-    assert_eq!(found, burst as f64, "each found in the stream by the read");
-    let logged = all.logged("looked up events an unknown attempt may have stored");
+    lost.back_and_drained_once_each().await;
+    let found = lost
+        .counter("outbox_reconciled_total", "already_stored")
+        .await;
+    assert_eq!(found, 5.0, "each found in the stream by the read");
+    let logged = lost
+        .all
+        .logged("looked up events an unknown attempt may have stored");
     assert!(!logged.is_empty(), "the reconciliation is in the log");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn within_the_window_the_servers_deduplication_is_enough() {
-    let mut nats = NatsServer::start().expect("nats");
-    let proxy = AckSwallowingProxy::start(address(&nats.url()))
-        .await
-        .expect("proxy");
-    let setup = Setup::new();
-    let burst = 5;
-    let (_all, port) = publish_with_lost_acks(&setup, &nats, &proxy, 60, burst).await;
-
-    nats.stop();
-    proxy.swallow_acks(false);
-    proxy.drop_connections();
-    nats.restart().expect("restart");
-
-    eventually(LONG, "the outbox to drain", || async {
-        (setup.events() == 0).then_some(())
-    })
-    .await;
-    let messages = messages_when(&nats, 1 + burst).await;
-    assert_once_each(&messages, 1 + burst);
-    let dropped = counter(&setup.client, port, "outbox_publish_duplicates_total", "").await;
+    let mut lost = LostAcks::start(60, 5).await;
+    lost.nats_away();
+    lost.back_and_drained_once_each().await;
+    let dropped = lost.counter("outbox_publish_duplicates_total", "").await;
     assert!(
-        dropped >= burst as f64,
+        dropped >= 5.0,
         "JetStream dropped the re-publishes: {dropped}"
     );
-    let read = counter(&setup.client, port, "outbox_reconciled_total", "").await;
+    let read = lost.counter("outbox_reconciled_total", "").await;
     assert_eq!(read, 0.0, "no read of the stream within the window");
 }
 

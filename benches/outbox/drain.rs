@@ -88,18 +88,7 @@ pub(crate) async fn scenario_drain(
 
     // The drain: NATS is back, sweeps of 1,000 (RetryPublishingNATSEvents) until `events` is empty.
     reset_stream(url).await?;
-    let publisher = Arc::new(ready_publisher(url, "bench-drain").await?);
-    let dispatcher = Dispatcher::new(
-        Arc::new(store.clone()),
-        publisher,
-        DispatchConfig {
-            claimer: "bench-drain".to_owned(),
-            lease: LEASE,
-            alert_threshold: 5,
-            sweep_batch: BATCH,
-            duplicate_window: Duration::from_secs(120),
-        },
-    );
+    let dispatcher = bench_dispatcher(&store, url, "bench-drain").await?;
     let counter = seed::connect(&path)?;
     let t = Instant::now();
     let deadline = t + Duration::from_secs(600);

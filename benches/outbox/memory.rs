@@ -7,11 +7,10 @@
 //! the binary's own are file-backed, and come and go with the page cache.
 
 use super::peak_rss::Child;
-use super::{JWT_KEY, MIB, Plan, Row, STREAM, load, reset_stream, verdict, wait_listening};
+use super::{MIB, Plan, Row, load, reset_stream, verdict};
 use anyhow::{Context, bail};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
-use testkit::free_port;
 
 /// Connections creating tickets, each sending its next request when the previous one answered.
 const CLIENTS: usize = 32;
@@ -63,38 +62,11 @@ pub async fn sustained_load(
         run.as_secs()
     );
     let dir = tempfile::tempdir()?;
-    let path = dir.path().join("tickets.db");
     reset_stream(url).await?;
-    let port = free_port()?;
-    let log_path = dir.path().join("ticketing-all.log");
-    let log = std::fs::File::create(&log_path)?;
-    let bin = env!("CARGO_BIN_EXE_ticketing");
-    let child = std::process::Command::new(bin)
-        .arg("all")
-        .env_remove("MONGO_URI")
-        .env("JWT_KEY", JWT_KEY)
-        .env("PORT", port.to_string())
-        .env("SQLITE_PATH", &path)
-        .env("NATS_URL", url)
-        .env("NATS_CLUSTER_ID", STREAM)
-        .env("NATS_CLIENT_ID", "bench-load-child")
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {bin}"))?;
-    let mut child = Child(child);
+    let (mut child, port, log_path) =
+        Child::start_all(dir.path(), url, "bench-load-child", &[]).await?;
     let pid = child.0.id();
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    wait_listening(addr, || matches!(child.0.try_wait(), Ok(Some(_))))
-        .await
-        .with_context(|| {
-            format!(
-                "ticketing all did not start: {}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            )
-        })?;
     let idle = rss_anon_kib(pid).context("reading RssAnon")? as f64 / MIB;
 
     let started = Instant::now();

@@ -5,6 +5,49 @@ use super::*;
 /// A child process killed on drop.
 pub(crate) struct Child(pub(crate) std::process::Child);
 
+impl Child {
+    /// A real `ticketing all` on a free port, its SQLite file `tickets.db` and its log in `dir`,
+    /// publishing to `url`, once it listens. Returns it, its port and the log's path.
+    pub(crate) async fn start_all(
+        dir: &std::path::Path,
+        url: &str,
+        name: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<(Self, u16, std::path::PathBuf)> {
+        let port = free_port()?;
+        let log_path = dir.join("ticketing-all.log");
+        let log = std::fs::File::create(&log_path)?;
+        let bin = env!("CARGO_BIN_EXE_ticketing");
+        let child = std::process::Command::new(bin)
+            .arg("all")
+            .env_remove("MONGO_URI")
+            .env("JWT_KEY", JWT_KEY)
+            .env("PORT", port.to_string())
+            .env("SQLITE_PATH", dir.join("tickets.db"))
+            .env("NATS_URL", url)
+            .env("NATS_CLUSTER_ID", STREAM)
+            .env("NATS_CLIENT_ID", name)
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {bin}"))?;
+        let mut child = Child(child);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+        wait_listening(addr, || matches!(child.0.try_wait(), Ok(Some(_))))
+            .await
+            .with_context(|| {
+                format!(
+                    "ticketing all did not start: {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                )
+            })?;
+        Ok((child, port, log_path))
+    }
+}
+
 impl Drop for Child {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -24,38 +67,16 @@ pub(crate) async fn scenario_memory(
     drop(SqliteStore::open(&path, SqliteOptions::default()).await?);
     seed::backlog(&path, n, seed::Waiting::Failed)?;
     reset_stream(url).await?;
-    let port = free_port()?;
-    let log_path = dir.path().join("ticketing-all.log");
-    let log = std::fs::File::create(&log_path)?;
-    let bin = env!("CARGO_BIN_EXE_ticketing");
-    let child = std::process::Command::new(bin)
-        .arg("all")
-        .env_remove("MONGO_URI")
-        .env("JWT_KEY", JWT_KEY)
-        .env("PORT", port.to_string())
-        .env("SQLITE_PATH", &path)
-        .env("NATS_URL", url)
-        .env("NATS_CLUSTER_ID", STREAM)
-        .env("NATS_CLIENT_ID", "bench-all-child")
+    let (child, _port, log_path) = Child::start_all(
+        dir.path(),
+        url,
+        "bench-all-child",
         // Every second, so the drain starts within a second instead of up to ten.
-        .env("RETRY_SCHEDULE", "* * * * * *")
-        .env("RUST_LOG", "warn")
-        .stdin(std::process::Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {bin}"))?;
-    let mut child = Child(child);
+        &[("RETRY_SCHEDULE", "* * * * * *")],
+    )
+    .await?;
+    let mut child = child;
     let pid = child.0.id();
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    wait_listening(addr, || matches!(child.0.try_wait(), Ok(Some(_))))
-        .await
-        .with_context(|| {
-            format!(
-                "ticketing all did not start: {}",
-                std::fs::read_to_string(&log_path).unwrap_or_default()
-            )
-        })?;
     let (_, idle_rss) = env::memory_kib(pid).context("reading /proc/PID/status")?;
     let counter = seed::connect(&path)?;
     let t = Instant::now();

@@ -37,18 +37,7 @@ pub(crate) async fn scenario_reconcile(
     drain::raw_batches(&js, &others).await?;
     drop(js);
 
-    let publisher = Arc::new(ready_publisher(url, "bench-reconcile").await?);
-    let dispatcher = Dispatcher::new(
-        Arc::new(store.clone()),
-        publisher,
-        DispatchConfig {
-            claimer: "bench-reconcile".to_owned(),
-            lease: LEASE,
-            alert_threshold: 5,
-            sweep_batch: BATCH,
-            duplicate_window: Duration::from_secs(120),
-        },
-    );
+    let dispatcher = bench_dispatcher(&store, url, "bench-reconcile").await?;
     let counter = seed::connect(&path)?;
     let never = CancellationToken::new();
     let t = Instant::now();

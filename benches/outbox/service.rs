@@ -284,3 +284,24 @@ pub(crate) async fn ready_publisher(url: &str, name: &str) -> anyhow::Result<Jet
         .map_err(anyhow::Error::msg)?;
     Ok(publisher)
 }
+
+/// The product's dispatcher over `store`, as `ticketing all` configures it, with its publisher
+/// ready (the drain's and the reconciliation's sweeps).
+pub(crate) async fn bench_dispatcher(
+    store: &SqliteStore,
+    url: &str,
+    name: &str,
+) -> anyhow::Result<Dispatcher> {
+    let publisher = Arc::new(ready_publisher(url, name).await?);
+    Ok(Dispatcher::new(
+        Arc::new(store.clone()),
+        publisher,
+        DispatchConfig {
+            claimer: name.to_owned(),
+            lease: LEASE,
+            alert_threshold: 5,
+            sweep_batch: BATCH,
+            duplicate_window: Duration::from_secs(120),
+        },
+    ))
+}
