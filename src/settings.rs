@@ -68,11 +68,27 @@ pub struct NatsSettings {
     /// How long a publish waits for JetStream's acknowledgement, in seconds.
     #[arg(long, env = "NATS_ACK_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub nats_ack_timeout_secs: u64,
+    /// Max age, in seconds, of the messages of the streams this service creates: older ones are
+    /// discarded. Longer than NATS_DUPLICATE_WINDOW_SECS. An existing stream is not changed.
+    #[arg(long, env = "NATS_STREAM_MAX_AGE_SECS", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(1..))]
+    pub nats_stream_max_age_secs: u64,
+    /// Max size, in bytes, of each stream this service creates: past it the oldest messages are
+    /// discarded. Default: no limit but the server's storage. An existing stream is not changed.
+    #[arg(long, env = "NATS_STREAM_MAX_BYTES", value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
+    pub nats_stream_max_bytes: Option<u64>,
     #[command(flatten)]
     pub auth: NatsAuthSettings,
 }
 
 impl NatsSettings {
+    /// The limits the streams this service creates get.
+    pub fn stream_policy(&self) -> worker::StreamPolicy {
+        worker::StreamPolicy {
+            max_age: Duration::from_secs(self.nats_stream_max_age_secs),
+            max_bytes: self.nats_stream_max_bytes,
+        }
+    }
+
     pub fn client_id(&self) -> String {
         self.nats_client_id.clone().unwrap_or_else(|| {
             let host = gethostname::gethostname().to_string_lossy().into_owned();
@@ -157,6 +173,29 @@ pub fn require_lease_within_window(lease: Duration, nats: &NatsSettings) -> anyh
         lease.as_secs()
     );
     Ok(())
+}
+
+/// The retry horizon that looking up a possibly-stored event needs (the outages issue, #17): the
+/// age up to which the outbox may look for an event in the stream to learn whether an attempt
+/// whose ack was lost stored it. The stream must keep messages longer than that, so
+/// [`require_retention_keeps_outbox`] refuses a shorter NATS_STREAM_MAX_AGE_SECS. `None` while no
+/// such lookup exists: only NATS_DUPLICATE_WINDOW_SECS binds. The lookup's setting goes here.
+pub fn lookup_horizon(_delivery: &DeliverySettings) -> Option<Duration> {
+    None
+}
+
+/// Streams that forget events sooner than the outbox relies on them would turn a lost ack into
+/// a duplicate downstream: refused at start, with the reason.
+pub fn require_retention_keeps_outbox(delivery: &DeliverySettings) -> anyhow::Result<()> {
+    let nats = &delivery.nats;
+    let needs = worker::stream::RetentionNeeds {
+        duplicate_window: Duration::from_secs(nats.nats_duplicate_window_secs),
+        lookup_horizon: lookup_horizon(delivery),
+    };
+    match worker::stream::retention_problem(nats.stream_policy().max_age, &needs) {
+        Some(problem) => anyhow::bail!(problem),
+        None => Ok(()),
+    }
 }
 
 #[derive(Debug, Clone, Args)]

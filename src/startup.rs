@@ -184,9 +184,11 @@ pub async fn build_delivery(
             client_name: name.clone(),
             duplicate_window: Duration::from_secs(settings.nats.nats_duplicate_window_secs),
             ack_timeout: Duration::from_secs(settings.nats.nats_ack_timeout_secs),
+            policy: settings.nats.stream_policy(),
         })
         .await?,
     );
+    check_stream_at_start(publisher.clone(), shutdown.clone());
     let dispatcher = Arc::new(Dispatcher::new(
         stores.outbox.clone(),
         publisher.clone(),
@@ -216,6 +218,21 @@ pub async fn build_delivery(
         runner,
         name,
     })
+}
+
+/// Gets or creates the stream as soon as NATS answers, rather than at the first publish, so a
+/// stream that exists with other limits is reported at start.
+fn check_stream_at_start(publisher: Arc<JetStreamPublisher>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        while !publisher.wait_connected(Duration::from_secs(1)).await {
+            if shutdown.is_cancelled() {
+                return;
+            }
+        }
+        if let Err(e) = publisher.ensure_stream().await {
+            tracing::warn!(error = %e, "the JetStream stream is not ready yet; the first publish tries again");
+        }
+    });
 }
 
 /// Waits for every task, in the order they finish: the first to fail stops the others (its error

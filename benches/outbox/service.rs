@@ -14,6 +14,8 @@ pub(crate) fn delivery_settings(url: &str, client: &str) -> DeliverySettings {
             nats_client_id: Some(client.to_owned()),
             nats_duplicate_window_secs: 120,
             nats_ack_timeout_secs: 5,
+            nats_stream_max_age_secs: worker::stream::DEFAULT_MAX_AGE.as_secs(),
+            nats_stream_max_bytes: None,
             auth: Default::default(),
         },
         alert_webhook_url: None,
@@ -39,13 +41,13 @@ pub(crate) async fn reset_stream(url: &str) -> anyhow::Result<jetstream::Context
     let js = jetstream(url).await?;
     // Absent on first use: not an error.
     let _ = js.delete_stream(STREAM).await;
-    js.create_stream(stream::Config {
+    js.create_stream(worker::StreamPolicy::default().apply(stream::Config {
         name: STREAM.to_owned(),
         subjects: vec!["ticket.>".to_owned()],
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
-    })
+    }))
     .await
     .context("creating the JetStream stream")?;
     Ok(js)
@@ -270,6 +272,7 @@ pub(crate) async fn ready_publisher(url: &str, name: &str) -> anyhow::Result<Jet
         client_name: name.to_owned(),
         duplicate_window: Duration::from_secs(120),
         ack_timeout: Duration::from_secs(5),
+        policy: Default::default(),
     })
     .await?;
     ensure!(

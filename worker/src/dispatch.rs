@@ -226,7 +226,8 @@ impl Dispatcher {
                 .increment(wave.len() as u64);
             let acked_at = chrono::Utc::now();
             let mut delivered = Vec::new();
-            let mut failures: BTreeMap<String, Vec<EventId>> = BTreeMap::new();
+            // By error text, with its kind (the metric label).
+            let mut failures: BTreeMap<(String, &'static str), Vec<EventId>> = BTreeMap::new();
             let mut failed_tickets = HashSet::new();
             for (event, result) in wave.iter().zip(results) {
                 match result {
@@ -245,7 +246,7 @@ impl Dispatcher {
                     Err(error) => {
                         failed_tickets.insert(event.aggregate_id);
                         failures
-                            .entry(error.to_string())
+                            .entry((error.to_string(), error.kind().as_str()))
                             .or_default()
                             .push(event.id);
                     }
@@ -257,11 +258,11 @@ impl Dispatcher {
                 metrics::counter!("outbox_publish_successes_total", "path" => path_label)
                     .increment(delivered.len() as u64);
             }
-            for (error, ids) in failures {
+            for ((error, kind), ids) in failures {
                 outcome.failed += ids.len();
-                metrics::counter!("outbox_publish_failures_total", "path" => path_label)
+                metrics::counter!("outbox_publish_failures_total", "path" => path_label, "kind" => kind)
                     .increment(ids.len() as u64);
-                tracing::warn!(path = path.as_str(), events = ids.len(), %error, "publish failed");
+                tracing::warn!(path = path.as_str(), events = ids.len(), kind, %error, "publish failed");
                 let attempt = FailedAttempt::new(error, self.config.alert_threshold);
                 for e in claimed.fail(&ids, &attempt).await? {
                     tracing::error!(event.id = %e.id, subject = %e.subject, aggregate = %e.aggregate_id,

@@ -3,9 +3,11 @@
 //! event whose ack was lost (within the stream's duplicate window).
 
 use crate::nats_auth::NatsAuth;
+use crate::stream::StreamPolicy;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use common::{OutboxEvent, redact_url};
 use futures::future::join_all;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::Mutex;
 
@@ -24,6 +26,9 @@ pub struct NatsConfig {
     pub duplicate_window: Duration,
     /// How long a publish waits for its PubAck.
     pub ack_timeout: Duration,
+    /// The limits the stream is created with (`NATS_STREAM_MAX_AGE_SECS`,
+    /// `NATS_STREAM_MAX_BYTES`); an existing stream is left as it is.
+    pub policy: StreamPolicy,
 }
 
 /// How long a publish waits for a connection that is being (re)established before failing.
@@ -58,9 +63,68 @@ pub enum PublishError {
     /// The client could not take the message.
     #[error("{0}")]
     Send(String),
+    /// JetStream refused the message for want of room: the stream (a limit with discard new)
+    /// or the server's (or account's) JetStream storage is full.
+    #[error("NATS is full: {reason}")]
+    StorageFull { reason: String },
     /// No PubAck: refused by the server, timed out, or the connection dropped while waiting.
     #[error("{0}")]
     Ack(String),
+}
+
+impl PublishError {
+    /// What kind of failure this is: the `kind` label of `outbox_publish_failures_total`.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            PublishError::NotConnected { .. } => FailureKind::NotConnected,
+            PublishError::Stream { .. } => FailureKind::Stream,
+            PublishError::NoStream => FailureKind::NoStream,
+            PublishError::Send(_) => FailureKind::Send,
+            PublishError::StorageFull { .. } => FailureKind::StorageFull,
+            PublishError::Ack(_) => FailureKind::Ack,
+        }
+    }
+}
+
+/// The kinds of publish failure, as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FailureKind {
+    NotConnected,
+    Stream,
+    NoStream,
+    Send,
+    StorageFull,
+    Ack,
+}
+
+impl FailureKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FailureKind::NotConnected => "not_connected",
+            FailureKind::Stream => "stream",
+            FailureKind::NoStream => "no_stream",
+            FailureKind::Send => "send",
+            FailureKind::StorageFull => "storage_full",
+            FailureKind::Ack => "ack",
+        }
+    }
+}
+
+/// A PubAck that did not come, as a [`PublishError`]: JetStream's "no room" answers are
+/// [`PublishError::StorageFull`].
+fn ack_error(e: &jetstream::context::PublishError) -> PublishError {
+    if e.kind() == PublishErrorKind::StreamNotFound {
+        return PublishError::NoStream;
+    }
+    let refusal = std::error::Error::source(e).and_then(|s| s.downcast_ref::<jetstream::Error>());
+    match refusal {
+        Some(refusal) if crate::stream::is_full(refusal.error_code().0, &refusal.to_string()) => {
+            PublishError::StorageFull {
+                reason: refusal.to_string(),
+            }
+        }
+        _ => PublishError::Ack(e.to_string()),
+    }
 }
 
 /// What JetStream said about one stored message.
@@ -76,6 +140,8 @@ pub struct JetStreamPublisher {
     js: jetstream::Context,
     config: NatsConfig,
     stream_ready: Mutex<bool>,
+    /// An existing stream whose limits differ is reported once per process.
+    reported: AtomicBool,
 }
 
 impl JetStreamPublisher {
@@ -118,6 +184,7 @@ impl JetStreamPublisher {
             js,
             config,
             stream_ready: Mutex::new(false),
+            reported: AtomicBool::new(false),
         })
     }
 
@@ -145,30 +212,44 @@ impl JetStreamPublisher {
         &self.config.stream
     }
 
-    /// Gets or creates the stream (file storage, `ticket.>`, the duplicate window), once.
+    /// The configuration the stream is created with: file storage, `ticket.>`, the duplicate
+    /// window and the limits of the policy.
+    pub fn stream_config(&self) -> stream::Config {
+        self.config.policy.apply(stream::Config {
+            name: self.config.stream.clone(),
+            subjects: vec![STREAM_SUBJECTS.to_owned()],
+            storage: stream::StorageType::File,
+            duplicate_window: self.config.duplicate_window,
+            ..Default::default()
+        })
+    }
+
+    /// Gets or creates the stream ([`Self::stream_config`]), once. An existing stream is left
+    /// as it is; if its limits differ, that is logged once (warn).
     pub async fn ensure_stream(&self) -> Result<(), PublishError> {
         let mut ready = self.stream_ready.lock().await;
         if *ready {
             return Ok(());
         }
-        let created = self
-            .js
-            .get_or_create_stream(stream::Config {
-                name: self.config.stream.clone(),
-                subjects: vec![STREAM_SUBJECTS.to_owned()],
-                storage: stream::StorageType::File,
-                duplicate_window: self.config.duplicate_window,
-                ..Default::default()
-            })
-            .await;
-        if let Err(e) = created {
+        let wanted = self.stream_config();
+        let existing = match self.js.get_or_create_stream(wanted.clone()).await {
+            Ok(stream) => stream.cached_info().config.clone(),
             // Another worker may have created it between our lookup and our create.
-            if self.js.get_stream(&self.config.stream).await.is_err() {
-                return Err(PublishError::Stream {
-                    stream: self.config.stream.clone(),
-                    reason: e.to_string(),
-                });
-            }
+            Err(e) => match self.js.get_stream(&self.config.stream).await {
+                Ok(stream) => stream.cached_info().config.clone(),
+                Err(_) => {
+                    return Err(PublishError::Stream {
+                        stream: self.config.stream.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            },
+        };
+        let differences = crate::stream::differences(&wanted, &existing);
+        if !differences.is_empty() && !self.reported.swap(true, Ordering::Relaxed) {
+            tracing::warn!(stream = %self.config.stream, differences = %differences.join("; "),
+                "the JetStream stream exists with other limits than configured; it is left as it \
+                 is (`nats stream edit` changes it)");
         }
         tracing::info!(stream = %self.config.stream, "JetStream stream ready");
         *ready = true;
@@ -202,13 +283,7 @@ impl JetStreamPublisher {
             pending.push(sent.map_err(|e| PublishError::Send(e.to_string())));
         }
         let acks = pending.into_iter().map(|sent| async move {
-            let ack = sent?.await.map_err(|e| {
-                if e.kind() == PublishErrorKind::StreamNotFound {
-                    PublishError::NoStream
-                } else {
-                    PublishError::Ack(e.to_string())
-                }
-            })?;
+            let ack = sent?.await.map_err(|e| ack_error(&e))?;
             Ok(Published {
                 sequence: ack.sequence,
                 duplicate: ack.duplicate,
@@ -228,7 +303,44 @@ impl JetStreamPublisher {
 
 #[cfg(test)]
 mod tests {
-    use super::normalize_url;
+    use super::{PublishError, ack_error, normalize_url};
+    use async_nats::jetstream::{self, context::PublishErrorKind};
+
+    /// A refusal as nats-server 2.9 sends it in a PubAck.
+    fn refused(code: u64, description: &str) -> jetstream::context::PublishError {
+        let error: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 503, "err_code": code, "description": description
+        }))
+        .expect("a JetStream error");
+        jetstream::context::PublishError::with_source(PublishErrorKind::Other, error)
+    }
+
+    #[test]
+    fn a_full_stream_or_server_is_its_own_failure_saying_so() {
+        for (code, description) in [
+            (10023, "insufficient resources"),
+            (10077, "maximum bytes exceeded"),
+        ] {
+            let e = ack_error(&refused(code, description));
+            assert_eq!(e.kind().as_str(), "storage_full");
+            let text = e.to_string();
+            assert!(
+                text.starts_with("NATS is full: ") && text.contains(description),
+                "{text}"
+            );
+        }
+        let other = ack_error(&refused(10060, "expected stream does not match"));
+        assert_eq!(other.kind().as_str(), "ack");
+        let timeout = ack_error(&jetstream::context::PublishError::new(
+            PublishErrorKind::TimedOut,
+        ));
+        assert_eq!(timeout.kind().as_str(), "ack");
+        let gone = ack_error(&jetstream::context::PublishError::new(
+            PublishErrorKind::StreamNotFound,
+        ));
+        assert_eq!(gone, PublishError::NoStream);
+        assert_eq!(gone.kind().as_str(), "no_stream");
+    }
 
     #[test]
     fn http_scheme_of_the_course_manifests_is_accepted() {
