@@ -76,16 +76,21 @@ pub struct NatsSettings {
     /// discarded. Default: no limit but the server's storage. An existing stream is not changed.
     #[arg(long, env = "NATS_STREAM_MAX_BYTES", value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
     pub nats_stream_max_bytes: Option<u64>,
+    /// Servers of a JetStream cluster that hold a copy of each stream this service creates (3: a
+    /// stream that stays writable while one server is down). An existing stream is not changed.
+    #[arg(long, env = "NATS_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
+    pub nats_stream_replicas: u64,
     #[command(flatten)]
     pub auth: NatsAuthSettings,
 }
 
 impl NatsSettings {
-    /// The limits the streams this service creates get.
+    /// The limits and replicas the streams this service creates get.
     pub fn stream_policy(&self) -> worker::StreamPolicy {
         worker::StreamPolicy {
             max_age: Duration::from_secs(self.nats_stream_max_age_secs),
             max_bytes: self.nats_stream_max_bytes,
+            replicas: usize::try_from(self.nats_stream_replicas).unwrap_or(1),
         }
     }
 

@@ -221,16 +221,25 @@ pub async fn build_delivery(
 }
 
 /// Gets or creates the stream as soon as NATS answers, rather than at the first publish, so a
-/// stream that exists with other limits is reported at start.
+/// stream that exists with other limits is reported at start. Tries again (doubling waits up to
+/// 30 s) while JetStream cannot answer yet, as a cluster still electing its meta leader.
 fn check_stream_at_start(publisher: Arc<JetStreamPublisher>, shutdown: CancellationToken) {
     tokio::spawn(async move {
-        while !publisher.wait_connected(Duration::from_secs(1)).await {
-            if shutdown.is_cancelled() {
-                return;
+        let mut backoff =
+            common::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        loop {
+            if publisher.wait_connected(Duration::from_secs(1)).await {
+                match publisher.ensure_stream().await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the JetStream stream is not ready yet")
+                    }
+                }
             }
-        }
-        if let Err(e) = publisher.ensure_stream().await {
-            tracing::warn!(error = %e, "the JetStream stream is not ready yet; the first publish tries again");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
         }
     });
 }

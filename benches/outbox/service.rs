@@ -16,6 +16,7 @@ pub(crate) fn delivery_settings(url: &str, client: &str) -> DeliverySettings {
             nats_ack_timeout_secs: 5,
             nats_stream_max_age_secs: worker::stream::DEFAULT_MAX_AGE.as_secs(),
             nats_stream_max_bytes: None,
+            nats_stream_replicas: 1,
             auth: Default::default(),
         },
         alert_webhook_url: None,

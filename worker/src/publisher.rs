@@ -26,8 +26,8 @@ pub struct NatsConfig {
     pub duplicate_window: Duration,
     /// How long a publish waits for its PubAck.
     pub ack_timeout: Duration,
-    /// The limits the stream is created with (`NATS_STREAM_MAX_AGE_SECS`,
-    /// `NATS_STREAM_MAX_BYTES`); an existing stream is left as it is.
+    /// The limits and replicas the stream is created with (`NATS_STREAM_MAX_AGE_SECS`,
+    /// `NATS_STREAM_MAX_BYTES`, `NATS_STREAM_REPLICAS`); an existing stream is left as it is.
     pub policy: StreamPolicy,
 }
 
@@ -57,8 +57,9 @@ pub enum PublishError {
     /// The stream could not be looked up or created: nothing was sent.
     #[error("cannot get or create JetStream stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
-    /// JetStream answered that no stream captures the subject (the stream was deleted).
-    #[error("no JetStream stream captures this subject")]
+    /// No stream answered for the subject ("no responders"): the stream was deleted, or its
+    /// servers are electing a leader (a JetStream cluster, for a few seconds).
+    #[error("no JetStream stream answered for this subject (deleted, or electing a leader)")]
     NoStream,
     /// The client could not take the message.
     #[error("{0}")]
@@ -248,8 +249,8 @@ impl JetStreamPublisher {
         let differences = crate::stream::differences(&wanted, &existing);
         if !differences.is_empty() && !self.reported.swap(true, Ordering::Relaxed) {
             tracing::warn!(stream = %self.config.stream, differences = %differences.join("; "),
-                "the JetStream stream exists with other limits than configured; it is left as it \
-                 is (`nats stream edit` changes it)");
+                "the JetStream stream exists with other limits or replicas than configured; it is \
+                 left as it is (`nats stream edit` changes it)");
         }
         tracing::info!(stream = %self.config.stream, "JetStream stream ready");
         *ready = true;

@@ -1,19 +1,22 @@
-//! What the JetStream streams this service creates keep, as plain functions: the limits a stream
-//! is created with, how an existing stream differs from them (reported, never changed), whether
-//! the limits keep what the outbox relies on, and whether a refused publish means NATS is full.
+//! What the JetStream streams this service creates keep, and on how many servers, as plain
+//! functions: the limits and replicas a stream is created with, how an existing stream differs
+//! from them (reported, never changed), whether the limits keep what the outbox relies on, and
+//! whether a refused publish means NATS is full.
 
 use async_nats::jetstream::stream::{self, DiscardPolicy};
 use std::time::Duration;
 
-/// Retention of the streams this service creates (`NATS_STREAM_MAX_AGE_SECS`,
-/// `NATS_STREAM_MAX_BYTES`): past either limit the oldest messages are discarded, so a full
-/// stream never refuses an event.
+/// Retention and replication of the streams this service creates (`NATS_STREAM_MAX_AGE_SECS`,
+/// `NATS_STREAM_MAX_BYTES`, `NATS_STREAM_REPLICAS`): past either limit the oldest messages are
+/// discarded, so a full stream never refuses an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamPolicy {
     /// Messages older than this are discarded.
     pub max_age: Duration,
     /// The stream's size cap in bytes; `None`: only the server's storage bounds it.
     pub max_bytes: Option<u64>,
+    /// Servers holding a copy of the stream: 3 keeps it writable while one of them is down.
+    pub replicas: usize,
 }
 
 /// `NATS_STREAM_MAX_AGE_SECS`' default: 7 days.
@@ -24,12 +27,13 @@ impl Default for StreamPolicy {
         Self {
             max_age: DEFAULT_MAX_AGE,
             max_bytes: None,
+            replicas: 1,
         }
     }
 }
 
 impl StreamPolicy {
-    /// `config` with this policy's limits, discarding the oldest messages.
+    /// `config` with this policy's limits and replicas, discarding the oldest messages.
     pub fn apply(&self, config: stream::Config) -> stream::Config {
         stream::Config {
             max_age: self.max_age,
@@ -37,16 +41,24 @@ impl StreamPolicy {
                 .max_bytes
                 .map_or(-1, |b| i64::try_from(b).unwrap_or(i64::MAX)),
             discard: DiscardPolicy::Old,
+            num_replicas: self.replicas,
             ..config
         }
     }
 }
 
-/// How an existing stream's limits differ from those this service would create it with, one
-/// phrase each ("max age unlimited, not 604800 s"); empty when they agree. The server writes
-/// "unlimited" as 0 (age) or -1 (bytes, messages).
+/// How an existing stream's limits and replicas differ from those this service would create it
+/// with, one phrase each ("max age unlimited, not 604800 s"); empty when they agree. The server
+/// writes "unlimited" as 0 (age) or -1 (bytes, messages), and one replica as 0 or 1.
 pub fn differences(wanted: &stream::Config, existing: &stream::Config) -> Vec<String> {
     let mut found = Vec::new();
+    if existing.num_replicas.max(1) != wanted.num_replicas.max(1) {
+        found.push(format!(
+            "replicas {}, not {}",
+            existing.num_replicas.max(1),
+            wanted.num_replicas.max(1)
+        ));
+    }
     if existing.max_age != wanted.max_age {
         found.push(format!(
             "max age {}, not {}",
@@ -179,14 +191,17 @@ mod tests {
         let config = StreamPolicy {
             max_age: Duration::from_secs(3600),
             max_bytes: Some(1 << 30),
+            replicas: 3,
         }
         .apply(stream::Config::default());
         assert_eq!(config.max_age, Duration::from_secs(3600));
         assert_eq!(config.max_bytes, 1 << 30);
         assert_eq!(config.discard, DiscardPolicy::Old);
+        assert_eq!(config.num_replicas, 3);
         let unbounded = StreamPolicy::default().apply(stream::Config::default());
         assert_eq!(unbounded.max_age, Duration::from_secs(604_800));
         assert_eq!(unbounded.max_bytes, -1, "-1: no byte limit");
+        assert_eq!(unbounded.num_replicas, 1);
     }
 
     #[test]
@@ -197,6 +212,7 @@ mod tests {
         assert!(differences(&wanted(), &existing).is_empty());
         let mut zero = wanted();
         zero.max_bytes = 0;
+        zero.num_replicas = 0;
         assert!(differences(&wanted(), &zero).is_empty(), "0 and -1: none");
     }
 
@@ -219,9 +235,11 @@ mod tests {
         other.max_messages = 10;
         other.discard = DiscardPolicy::New;
         other.duplicate_window = Duration::from_secs(60);
+        other.num_replicas = 3;
         assert_eq!(
             differences(&wanted(), &other),
             [
+                "replicas 3, not 1",
                 "max bytes 1000, not unlimited",
                 "max messages 10, not unlimited",
                 "discard new, not old",
