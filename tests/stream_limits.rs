@@ -1,6 +1,7 @@
 //! The retention of the stream this service creates (NATS_STREAM_MAX_AGE_SECS,
 //! NATS_STREAM_MAX_BYTES), against a real nats-server: the stream is created with the configured
-//! limits, a stream that exists with others is left as it is and reported once, a full stream or
+//! limits, a stream that exists with others (or other replicas) is left as it is and reported
+//! once, a full stream or
 //! a full server is recorded as "NATS is full" (in `ticketing outbox list` and `/metrics`) while
 //! the events wait, and they are delivered once room is made. Limits that would forget events
 //! before the duplicate window ends are refused at start.
@@ -195,8 +196,10 @@ async fn a_stream_full_under_an_operators_limits_holds_events_back_until_it_has_
     };
     js.update_stream(capped.clone()).await.expect("update");
 
-    // Left as it is, and reported once at start.
-    let all = All::spawn(dir.path(), "all-2", &nats, &limits);
+    // Left as it is, and reported once at start; so are its replicas (asked for 3 here).
+    let mut asked = limits.to_vec();
+    asked.push(("NATS_STREAM_REPLICAS", "3".to_owned()));
+    let all = All::spawn(dir.path(), "all-2", &nats, &asked);
     let reported = eventually(LONG, "the other limits to be reported", || async {
         let lines = all.logged("exists with other limits");
         (!lines.is_empty()).then_some(lines)
@@ -205,7 +208,8 @@ async fn a_stream_full_under_an_operators_limits_holds_events_back_until_it_has_
     let differences = reported[0]["differences"].as_str().expect("differences");
     assert!(
         differences.contains(&format!("max bytes {}, not 5000000", held + 600))
-            && differences.contains("discard new, not old"),
+            && differences.contains("discard new, not old")
+            && differences.contains("replicas 1, not 3"),
         "{differences}"
     );
     assert_eq!(reported[0]["level"], "WARN");

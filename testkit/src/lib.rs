@@ -6,4 +6,4 @@ pub mod contract;
 pub mod mongo;
 pub mod servers;
 
-pub use servers::{NatsServer, RedisServer, free_port};
+pub use servers::{NatsCluster, NatsServer, RedisServer, free_port};
