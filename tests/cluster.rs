@@ -130,6 +130,19 @@ async fn leader(cluster: &NatsCluster) -> usize {
     .await
 }
 
+/// Restarts a killed node and waits until its copy of the stream has caught up: every copy
+/// current with the leader, and this one holding at least what the stream held before.
+async fn restart(cluster: &mut NatsCluster, node: usize) {
+    let before = eventually(LONG, "the stream's count", || stored(cluster)).await;
+    cluster.restart(node).expect("restart");
+    let cluster = &*cluster;
+    eventually(LONG, "the restarted server to catch up", || async {
+        let held = cluster.stream_messages_on(node, STREAM)?;
+        (held >= before && cluster.stream_current(STREAM)).then_some(())
+    })
+    .await;
+}
+
 /// Events that failed at least once and still wait in the outbox.
 fn failing_events(db: &Path) -> i64 {
     let c = rusqlite::Connection::open(db).expect("db");
@@ -221,7 +234,7 @@ async fn a_three_replica_stream_loses_nothing_while_its_servers_die() {
         cluster.name(next),
         killed.elapsed()
     );
-    cluster.restart(first).expect("restart");
+    restart(&mut cluster, first).await;
 
     // 2. A server that does not lead the stream dies.
     let lead = leader(&cluster).await;
@@ -234,7 +247,7 @@ async fn a_three_replica_stream_loses_nothing_while_its_servers_die() {
         cluster.name(follower),
         killed.elapsed()
     );
-    cluster.restart(follower).expect("restart");
+    restart(&mut cluster, follower).await;
 
     // 3. The server the service is connected to dies: the client moves to another.
     let connected = eventually(LONG, "the service's connection", || async {
@@ -253,7 +266,7 @@ async fn a_three_replica_stream_loses_nothing_while_its_servers_die() {
         cluster.name(connected),
         killed.elapsed()
     );
-    cluster.restart(connected).expect("restart");
+    restart(&mut cluster, connected).await;
 
     // 4. Two of three die: no quorum, events wait in the outbox (their failures recorded) while
     // the API keeps taking tickets; one back and everything drains.
@@ -268,13 +281,14 @@ async fn a_three_replica_stream_loses_nothing_while_its_servers_die() {
     .await;
     let waiting = failing_events(&db);
     let restarted = Instant::now();
+    // No quorum to catch up from yet: just start it.
     cluster.restart(lead).expect("restart");
     delivered(&cluster, load.written(), "after quorum came back").await;
     eprintln!(
         "two of three down: {waiting} events waiting; one back, delivery caught up after {:?}",
         restarted.elapsed()
     );
-    cluster.restart(others[0]).expect("restart");
+    restart(&mut cluster, others[0]).await;
 
     // Everything once, in version order per ticket, on every server.
     let events = load.stop().await;

@@ -301,7 +301,7 @@ impl NatsCluster {
         if !self.is_running(node) {
             return None;
         }
-        let jsz = self.monitor(node, "/jsz?streams=true").ok()?;
+        let jsz = self.monitor(node, "/jsz?streams=true&config=true").ok()?;
         jsz["account_details"]
             .as_array()?
             .iter()
@@ -316,20 +316,45 @@ impl NatsCluster {
         self.stream_on(node, stream)?["state"]["messages"].as_u64()
     }
 
-    /// The running node leading the stream, as the running nodes report it: named by at least
-    /// two of them and by none other (a restarted node may name itself for a moment; nodes that
-    /// lost the leader keep naming it until they elect another).
+    /// The running node leading the stream, as the running nodes holding a copy report it: named
+    /// by all of them, by at least two if it has several replicas (a restarted node may name
+    /// itself for a moment; nodes that lost the leader keep naming it until they elect another).
+    /// A stream of one replica: the node holding it.
     pub fn stream_leader(&self, stream: &str) -> Option<usize> {
-        let named: Vec<String> = self
+        let copies: Vec<serde_json::Value> = self
             .running()
             .into_iter()
             .filter_map(|i| self.stream_on(i, stream))
-            .filter_map(|s| s["cluster"]["leader"].as_str().map(str::to_owned))
             .collect();
-        let first = named.first()?;
+        let replicas = copies.first()?["config"]["num_replicas"]
+            .as_u64()
+            .unwrap_or(1);
+        let named: Vec<&str> = copies
+            .iter()
+            .filter_map(|s| s["cluster"]["leader"].as_str())
+            .collect();
+        let first = *named.first()?;
         let leader = self.node_named(first)?;
-        (named.len() >= 2 && named.iter().all(|n| n == first) && self.is_running(leader))
+        let quorum = if replicas > 1 { 2 } else { 1 };
+        (named.len() >= quorum && named.iter().all(|n| *n == first) && self.is_running(leader))
             .then_some(leader)
+    }
+
+    /// Whether every copy of the stream is current with its leader, as the leader reports it
+    /// (a restarted node that has caught up).
+    pub fn stream_current(&self, stream: &str) -> bool {
+        let Some(leader) = self.stream_leader(stream) else {
+            return false;
+        };
+        let Some(copy) = self.stream_on(leader, stream) else {
+            return false;
+        };
+        let replicas = copy["config"]["num_replicas"].as_u64().unwrap_or(1) as usize;
+        let followers = copy["cluster"]["replicas"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        followers.len() + 1 == replicas && followers.iter().all(|r| r["current"] == true)
     }
 
     /// The node a client connection named `name` is connected to (`/connz`).

@@ -143,6 +143,9 @@ pub struct JetStreamPublisher {
     stream_ready: Mutex<bool>,
     /// An existing stream whose limits differ is reported once per process.
     reported: AtomicBool,
+    /// The stream was found ready once: later checks (after "no responders", as during every
+    /// leader election of a cluster) log at debug.
+    was_ready: AtomicBool,
 }
 
 impl JetStreamPublisher {
@@ -186,6 +189,7 @@ impl JetStreamPublisher {
             config,
             stream_ready: Mutex::new(false),
             reported: AtomicBool::new(false),
+            was_ready: AtomicBool::new(false),
         })
     }
 
@@ -252,7 +256,11 @@ impl JetStreamPublisher {
                 "the JetStream stream exists with other limits or replicas than configured; it is \
                  left as it is (`nats stream edit` changes it)");
         }
-        tracing::info!(stream = %self.config.stream, "JetStream stream ready");
+        if self.was_ready.swap(true, Ordering::Relaxed) {
+            tracing::debug!(stream = %self.config.stream, "JetStream stream ready");
+        } else {
+            tracing::info!(stream = %self.config.stream, "JetStream stream ready");
+        }
         *ready = true;
         Ok(())
     }
