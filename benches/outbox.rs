@@ -16,7 +16,11 @@
 //! 3. Backlog drain by sweeps of 1,000 against raw JetStream publishing of the same messages.
 //! 4. Sweep cost (empty claim, 1,000-event claim) with 1k / 100k / 1M rows waiting.
 //! 5. Peak RSS of `ticketing all` draining the scenario-3 backlog.
+//! 6. (opt-in, `-- --only 6`) On a three-node cluster: 1b's create rate and the drain rate on a
+//!    three-replica stream against a one-replica stream.
 
+#[path = "outbox/cluster.rs"]
+mod cluster;
 #[path = "outbox/drain.rs"]
 mod drain;
 #[path = "outbox/env.rs"]
@@ -96,9 +100,15 @@ struct Plan {
     windows: bool,
 }
 
+/// The scenario that runs only when asked for (`--only 6`): three more nats-servers.
+const CLUSTER_SCENARIO: u32 = 6;
+
 impl Plan {
     fn runs(&self, scenario: u32) -> bool {
-        self.only.as_ref().is_none_or(|o| o.contains(&scenario))
+        match &self.only {
+            Some(o) => o.contains(&scenario),
+            None => scenario != CLUSTER_SCENARIO,
+        }
     }
 }
 
@@ -165,7 +175,8 @@ struct Args {
     /// CI smoke run: small sizes, under 10 s, nothing asserted.
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios, e.g. `1,3` (to iterate on one).
+    /// Run only these scenarios, e.g. `1,3` (to iterate on one). Scenario 6 (a three-replica
+    /// stream on a three-node cluster against one replica) runs only when listed: `1,2,3,4,5,6`.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<u32>>,
     /// Run only these variants of scenario 1, e.g. `b` (to profile one) or `ab`.
@@ -270,6 +281,14 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             env::load_average()
         );
         peak_rss::scenario_memory(&plan, &url, &mut rows).await?;
+    }
+
+    if plan.runs(CLUSTER_SCENARIO) {
+        println!(
+            "\n[6] three-replica stream against one replica, 3-node cluster (load {})",
+            env::load_average()
+        );
+        cluster::scenario_cluster(&plan, &token, &mut rows).await?;
     }
 
     println!(

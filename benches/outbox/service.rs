@@ -39,10 +39,22 @@ pub(crate) async fn jetstream(url: &str) -> anyhow::Result<jetstream::Context> {
 /// Deletes the stream (its messages and its duplicate-detection state) and creates it again as
 /// the product does, so each phase starts from an empty stream.
 pub(crate) async fn reset_stream(url: &str) -> anyhow::Result<jetstream::Context> {
+    reset_stream_with(url, 1).await
+}
+
+/// [`reset_stream`] with `replicas` copies of the stream (on a cluster).
+pub(crate) async fn reset_stream_with(
+    url: &str,
+    replicas: usize,
+) -> anyhow::Result<jetstream::Context> {
     let js = jetstream(url).await?;
     // Absent on first use: not an error.
     let _ = js.delete_stream(STREAM).await;
-    js.create_stream(worker::StreamPolicy::default().apply(stream::Config {
+    let policy = worker::StreamPolicy {
+        replicas,
+        ..Default::default()
+    };
+    js.create_stream(policy.apply(stream::Config {
         name: STREAM.to_owned(),
         subjects: vec!["ticket.>".to_owned()],
         storage: stream::StorageType::File,
@@ -98,6 +110,16 @@ impl Service {
         url: &str,
         clock: Option<CommitTimes>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(variant, url, clock, 1).await
+    }
+
+    /// [`Self::start`] publishing to a stream of `replicas` copies (1b on a cluster).
+    pub(crate) async fn start_with(
+        variant: Variant,
+        url: &str,
+        clock: Option<CommitTimes>,
+        replicas: u64,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let store =
             SqliteStore::open(dir.path().join("tickets.db"), SqliteOptions::default()).await?;
@@ -130,7 +152,8 @@ impl Service {
             // What `ticketing all` runs: the API, the change feed, the in-process sweep schedule.
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
             let schedule = cron::Schedule::from_str("*/10 * * * * *")?;
-            let settings = delivery_settings(url, "bench-all");
+            let mut settings = delivery_settings(url, "bench-all");
+            settings.nats.nats_stream_replicas = replicas;
             let token = shutdown.clone();
             let stores = Stores {
                 tickets,
@@ -266,6 +289,15 @@ pub(crate) async fn wait_listening(
 
 /// The product's publisher, connected, with its stream ready (the drain's and 1d's).
 pub(crate) async fn ready_publisher(url: &str, name: &str) -> anyhow::Result<JetStreamPublisher> {
+    ready_publisher_with(url, name, 1).await
+}
+
+/// [`ready_publisher`] for a stream of `replicas` copies.
+pub(crate) async fn ready_publisher_with(
+    url: &str,
+    name: &str,
+    replicas: usize,
+) -> anyhow::Result<JetStreamPublisher> {
     let publisher = JetStreamPublisher::connect(NatsConfig {
         url: url.to_owned(),
         auth: Default::default(),
@@ -273,7 +305,10 @@ pub(crate) async fn ready_publisher(url: &str, name: &str) -> anyhow::Result<Jet
         client_name: name.to_owned(),
         duplicate_window: Duration::from_secs(120),
         ack_timeout: Duration::from_secs(5),
-        policy: Default::default(),
+        policy: worker::StreamPolicy {
+            replicas,
+            ..Default::default()
+        },
     })
     .await?;
     ensure!(
