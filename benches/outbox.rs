@@ -19,7 +19,11 @@
 //!    sustained create load that nothing scrapes (benches/outbox/memory.rs).
 //! 6. Reconciliation past the duplicate window: events of unknown outcome, half of them in the
 //!    stream, drained by sweeps that read the stream first (against the drain of 3).
+//! 7. (opt-in, `-- --only 7`) On a three-node cluster: 1b's create rate and the drain rate on a
+//!    three-replica stream against a one-replica stream.
 
+#[path = "outbox/cluster.rs"]
+mod cluster;
 #[path = "outbox/drain.rs"]
 mod drain;
 #[path = "outbox/env.rs"]
@@ -105,9 +109,15 @@ struct Plan {
     windows: bool,
 }
 
+/// The scenario that runs only when asked for (`--only 7`): three more nats-servers.
+const CLUSTER_SCENARIO: u32 = 7;
+
 impl Plan {
     fn runs(&self, scenario: u32) -> bool {
-        self.only.as_ref().is_none_or(|o| o.contains(&scenario))
+        match &self.only {
+            Some(o) => o.contains(&scenario),
+            None => scenario != CLUSTER_SCENARIO,
+        }
     }
 }
 
@@ -176,7 +186,8 @@ struct Args {
     /// CI smoke run: small sizes, under 10 s, nothing asserted.
     #[arg(long)]
     quick: bool,
-    /// Run only these scenarios, e.g. `1,3` (to iterate on one).
+    /// Run only these scenarios, e.g. `1,3` (to iterate on one). Scenario 6 (a three-replica
+    /// stream on a three-node cluster against one replica) runs only when listed: `1,2,3,4,5,6`.
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<u32>>,
     /// Run only these variants of scenario 1, e.g. `b` (to profile one) or `ab`.
@@ -291,6 +302,14 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             env::load_average()
         );
         reconcile::scenario_reconcile(&plan, &url, drained, &mut rows).await?;
+    }
+
+    if plan.runs(CLUSTER_SCENARIO) {
+        println!(
+            "\n[7] three-replica stream against one replica, 3-node cluster (load {})",
+            env::load_average()
+        );
+        cluster::scenario_cluster(&plan, &token, &mut rows).await?;
     }
 
     println!(

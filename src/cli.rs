@@ -3,7 +3,7 @@
 use crate::ops::Probes;
 use crate::settings::{
     DeliverySettings, HealthSettings, HttpSettings, RedisSettings, ScheduleSettings, StoreSettings,
-    require_jwt_key, require_lease_within_window,
+    require_jwt_key, require_lease_within_window, require_retention_keeps_outbox,
 };
 use crate::startup::{Application, cancel_on_signal, open_store};
 use crate::telemetry;
@@ -153,6 +153,7 @@ fn shutdown_on_signal() -> CancellationToken {
 pub async fn serve_all(args: AllArgs) -> anyhow::Result<()> {
     let jwt_key = require_jwt_key(&args.http.jwt_key)?;
     require_lease_within_window(args.store.lease(), &args.delivery.nats)?;
+    require_retention_keeps_outbox(&args.delivery)?;
     let schedule = scheduler::parse_schedule(&args.schedule.retry_schedule)?;
     let store = open_store(&args.store).await?;
     let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, args.http.port));
@@ -170,6 +171,7 @@ pub async fn serve_all(args: AllArgs) -> anyhow::Result<()> {
 
 pub async fn serve_worker(args: WorkerArgs) -> anyhow::Result<()> {
     require_lease_within_window(args.store.lease(), &args.delivery.nats)?;
+    require_retention_keeps_outbox(&args.delivery)?;
     let store = open_store(&args.store).await?;
     crate::startup::run_worker(
         crate::startup::Stores::of(store),

@@ -78,11 +78,32 @@ pub struct NatsSettings {
     /// How long a publish waits for JetStream's acknowledgement, in seconds.
     #[arg(long, env = "NATS_ACK_TIMEOUT_SECS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
     pub nats_ack_timeout_secs: u64,
+    /// Max age, in seconds, of the messages of the streams this service creates: older ones are
+    /// discarded. Longer than NATS_DUPLICATE_WINDOW_SECS. An existing stream is not changed.
+    #[arg(long, env = "NATS_STREAM_MAX_AGE_SECS", default_value_t = 604_800, value_parser = clap::value_parser!(u64).range(1..))]
+    pub nats_stream_max_age_secs: u64,
+    /// Max size, in bytes, of each stream this service creates: past it the oldest messages are
+    /// discarded. Default: no limit but the server's storage. An existing stream is not changed.
+    #[arg(long, env = "NATS_STREAM_MAX_BYTES", value_parser = clap::value_parser!(u64).range(1..=i64::MAX as u64))]
+    pub nats_stream_max_bytes: Option<u64>,
+    /// Servers of a JetStream cluster that hold a copy of each stream this service creates (3: a
+    /// stream that stays writable while one server is down). An existing stream is not changed.
+    #[arg(long, env = "NATS_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
+    pub nats_stream_replicas: u64,
     #[command(flatten)]
     pub auth: NatsAuthSettings,
 }
 
 impl NatsSettings {
+    /// The limits and replicas the streams this service creates get.
+    pub fn stream_policy(&self) -> worker::StreamPolicy {
+        worker::StreamPolicy {
+            max_age: Duration::from_secs(self.nats_stream_max_age_secs),
+            max_bytes: self.nats_stream_max_bytes,
+            replicas: usize::try_from(self.nats_stream_replicas).unwrap_or(1),
+        }
+    }
+
     pub fn client_id(&self) -> String {
         self.nats_client_id.clone().unwrap_or_else(|| {
             let host = gethostname::gethostname().to_string_lossy().into_owned();
@@ -171,6 +192,31 @@ pub fn require_lease_within_window(lease: Duration, nats: &NatsSettings) -> anyh
         lease.as_secs()
     );
     Ok(())
+}
+
+/// The retry horizon that looking up a possibly-stored event needs: once the duplicate window
+/// may have passed since an attempt of unknown outcome, the outbox reads the stream from that
+/// attempt, less `RECONCILE_MARGIN` for the server's clock, before it publishes again. The
+/// stream must still hold the message then, so [`require_retention_keeps_outbox`] refuses a
+/// NATS_STREAM_MAX_AGE_SECS not longer than the window and the margin. (Past the max age, an
+/// event that waited through a longer outage cannot be looked up: the README says so.)
+pub fn lookup_horizon(delivery: &DeliverySettings) -> Option<Duration> {
+    let window = Duration::from_secs(delivery.nats.nats_duplicate_window_secs);
+    Some(window + common::outbox::rules::RECONCILE_MARGIN)
+}
+
+/// Streams that forget events sooner than the outbox relies on them would turn a lost ack into
+/// a duplicate downstream: refused at start, with the reason.
+pub fn require_retention_keeps_outbox(delivery: &DeliverySettings) -> anyhow::Result<()> {
+    let nats = &delivery.nats;
+    let needs = worker::stream::RetentionNeeds {
+        duplicate_window: Duration::from_secs(nats.nats_duplicate_window_secs),
+        lookup_horizon: lookup_horizon(delivery),
+    };
+    match worker::stream::retention_problem(nats.stream_policy().max_age, &needs) {
+        Some(problem) => anyhow::bail!(problem),
+        None => Ok(()),
+    }
 }
 
 #[derive(Debug, Clone, Args)]

@@ -185,9 +185,11 @@ pub async fn build_delivery(
             client_name: name.clone(),
             duplicate_window: Duration::from_secs(settings.nats.nats_duplicate_window_secs),
             ack_timeout: Duration::from_secs(settings.nats.nats_ack_timeout_secs),
+            policy: settings.nats.stream_policy(),
         })
         .await?,
     );
+    check_stream_at_start(publisher.clone(), shutdown.clone());
     let dispatcher = Arc::new(Dispatcher::new(
         stores.outbox.clone(),
         publisher.clone(),
@@ -219,6 +221,30 @@ pub async fn build_delivery(
         runner,
         name,
     })
+}
+
+/// Gets or creates the stream as soon as NATS answers, rather than at the first publish, so a
+/// stream that exists with other limits is reported at start. Tries again (doubling waits up to
+/// 30 s) while JetStream cannot answer yet, as a cluster still electing its meta leader.
+fn check_stream_at_start(publisher: Arc<JetStreamPublisher>, shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let mut backoff =
+            common::backoff::Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
+        loop {
+            if publisher.wait_connected(Duration::from_secs(1)).await {
+                match publisher.ensure_stream().await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the JetStream stream is not ready yet")
+                    }
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+            }
+        }
+    });
 }
 
 /// Waits for every task, in the order they finish: the first to fail stops the others (its error

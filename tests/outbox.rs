@@ -24,6 +24,7 @@ async fn publisher(nats: &NatsServer, name: &str) -> Arc<JetStreamPublisher> {
         client_name: name.into(),
         duplicate_window: Duration::from_secs(120),
         ack_timeout: Duration::from_secs(2),
+        policy: Default::default(),
     })
     .await
     .expect("connect");

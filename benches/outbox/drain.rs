@@ -56,6 +56,36 @@ pub(crate) async fn raw_window(
     Ok(t.elapsed())
 }
 
+/// Sweeps of `BATCH` (RetryPublishingNATSEvents jobs) until the `n` events waiting in the store
+/// at `path` are all delivered to the (existing) stream of `replicas` copies; how long it took.
+pub(crate) async fn drain_backlog(
+    store: &SqliteStore,
+    path: &std::path::Path,
+    n: usize,
+    url: &str,
+    replicas: usize,
+) -> anyhow::Result<Duration> {
+    let dispatcher = bench_dispatcher(store, url, "bench-drain", replicas).await?;
+    let counter = seed::connect(path)?;
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(600);
+    let mut published = 0;
+    let never = CancellationToken::new();
+    loop {
+        // One RetryPublishingNATSEvents job: steps of BATCH until nothing is due (or its budget).
+        let sweep = dispatcher.sweep(SWEEP_BUDGET, &never).await?;
+        published += sweep.published;
+        ensure!(sweep.failed == 0, "publishing failed during the drain");
+        if seed::count_events(&counter)? == 0 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the drain took over 10 minutes");
+    }
+    let took = t.elapsed();
+    ensure!(published == n, "published {published} of {n}");
+    Ok(took)
+}
+
 /// Returns the drain rate, events/s (scenario 6's baseline).
 pub(crate) async fn scenario_drain(
     plan: &Plan,
@@ -88,25 +118,8 @@ pub(crate) async fn scenario_drain(
 
     // The drain: NATS is back, sweeps of 1,000 (RetryPublishingNATSEvents) until `events` is empty.
     reset_stream(url).await?;
-    let dispatcher = bench_dispatcher(&store, url, "bench-drain").await?;
-    let counter = seed::connect(&path)?;
-    let t = Instant::now();
-    let deadline = t + Duration::from_secs(600);
-    let mut published = 0;
-    let never = CancellationToken::new();
-    loop {
-        // One RetryPublishingNATSEvents job: steps of BATCH until nothing is due (or its budget).
-        let sweep = dispatcher.sweep(SWEEP_BUDGET, &never).await?;
-        published += sweep.published;
-        ensure!(sweep.failed == 0, "publishing failed during the drain");
-        if seed::count_events(&counter)? == 0 {
-            break;
-        }
-        ensure!(Instant::now() < deadline, "the drain took over 10 minutes");
-    }
-    let drain_time = t.elapsed();
+    let drain_time = drain_backlog(&store, &path, n, url, 1).await?;
     let drain = rate(drain_time);
-    ensure!(published == n, "published {published} of {n}");
 
     let js = reset_stream(url).await?;
     let ceiling2 = rate(raw_batches(&js, &msgs).await?);

@@ -37,7 +37,7 @@ pub(crate) async fn scenario_reconcile(
     drain::raw_batches(&js, &others).await?;
     drop(js);
 
-    let dispatcher = bench_dispatcher(&store, url, "bench-reconcile").await?;
+    let dispatcher = bench_dispatcher(&store, url, "bench-reconcile", 1).await?;
     let counter = seed::connect(&path)?;
     let never = CancellationToken::new();
     let t = Instant::now();

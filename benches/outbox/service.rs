@@ -14,6 +14,9 @@ pub(crate) fn delivery_settings(url: &str, client: &str) -> DeliverySettings {
             nats_client_id: Some(client.to_owned()),
             nats_duplicate_window_secs: 120,
             nats_ack_timeout_secs: 5,
+            nats_stream_max_age_secs: worker::stream::DEFAULT_MAX_AGE.as_secs(),
+            nats_stream_max_bytes: None,
+            nats_stream_replicas: 1,
             auth: Default::default(),
         },
         alert_webhook_url: None,
@@ -37,16 +40,28 @@ pub(crate) async fn jetstream(url: &str) -> anyhow::Result<jetstream::Context> {
 /// Deletes the stream (its messages and its duplicate-detection state) and creates it again as
 /// the product does, so each phase starts from an empty stream.
 pub(crate) async fn reset_stream(url: &str) -> anyhow::Result<jetstream::Context> {
+    reset_stream_with(url, 1).await
+}
+
+/// [`reset_stream`] with `replicas` copies of the stream (on a cluster).
+pub(crate) async fn reset_stream_with(
+    url: &str,
+    replicas: usize,
+) -> anyhow::Result<jetstream::Context> {
     let js = jetstream(url).await?;
     // Absent on first use: not an error.
     let _ = js.delete_stream(STREAM).await;
-    js.create_stream(stream::Config {
+    let policy = worker::StreamPolicy {
+        replicas,
+        ..Default::default()
+    };
+    js.create_stream(policy.apply(stream::Config {
         name: STREAM.to_owned(),
         subjects: vec!["ticket.>".to_owned()],
         storage: stream::StorageType::File,
         duplicate_window: Duration::from_secs(120),
         ..Default::default()
-    })
+    }))
     .await
     .context("creating the JetStream stream")?;
     Ok(js)
@@ -96,6 +111,16 @@ impl Service {
         url: &str,
         clock: Option<CommitTimes>,
     ) -> anyhow::Result<Self> {
+        Self::start_with(variant, url, clock, 1).await
+    }
+
+    /// [`Self::start`] publishing to a stream of `replicas` copies (1b on a cluster).
+    pub(crate) async fn start_with(
+        variant: Variant,
+        url: &str,
+        clock: Option<CommitTimes>,
+        replicas: u64,
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let store =
             SqliteStore::open(dir.path().join("tickets.db"), SqliteOptions::default()).await?;
@@ -128,7 +153,8 @@ impl Service {
             // What `ticketing all` runs: the API, the change feed, the in-process sweep schedule.
             let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
             let schedule = cron::Schedule::from_str("*/10 * * * * *")?;
-            let settings = delivery_settings(url, "bench-all");
+            let mut settings = delivery_settings(url, "bench-all");
+            settings.nats.nats_stream_replicas = replicas;
             let token = shutdown.clone();
             let stores = Stores {
                 tickets,
@@ -265,6 +291,15 @@ pub(crate) async fn wait_listening(
 
 /// The product's publisher, connected, with its stream ready (the drain's and 1d's).
 pub(crate) async fn ready_publisher(url: &str, name: &str) -> anyhow::Result<JetStreamPublisher> {
+    ready_publisher_with(url, name, 1).await
+}
+
+/// [`ready_publisher`] for a stream of `replicas` copies.
+pub(crate) async fn ready_publisher_with(
+    url: &str,
+    name: &str,
+    replicas: usize,
+) -> anyhow::Result<JetStreamPublisher> {
     let publisher = JetStreamPublisher::connect(NatsConfig {
         url: url.to_owned(),
         auth: Default::default(),
@@ -272,6 +307,10 @@ pub(crate) async fn ready_publisher(url: &str, name: &str) -> anyhow::Result<Jet
         client_name: name.to_owned(),
         duplicate_window: Duration::from_secs(120),
         ack_timeout: Duration::from_secs(5),
+        policy: worker::StreamPolicy {
+            replicas,
+            ..Default::default()
+        },
     })
     .await?;
     ensure!(
@@ -286,13 +325,14 @@ pub(crate) async fn ready_publisher(url: &str, name: &str) -> anyhow::Result<Jet
 }
 
 /// The product's dispatcher over `store`, as `ticketing all` configures it, with its publisher
-/// ready (the drain's and the reconciliation's sweeps).
+/// ready for a stream of `replicas` copies (the drain's and the reconciliation's sweeps).
 pub(crate) async fn bench_dispatcher(
     store: &SqliteStore,
     url: &str,
     name: &str,
+    replicas: usize,
 ) -> anyhow::Result<Dispatcher> {
-    let publisher = Arc::new(ready_publisher(url, name).await?);
+    let publisher = Arc::new(ready_publisher_with(url, name, replicas).await?);
     Ok(Dispatcher::new(
         Arc::new(store.clone()),
         publisher,

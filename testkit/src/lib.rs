@@ -8,4 +8,4 @@ pub mod proxy;
 pub mod servers;
 
 pub use proxy::AckSwallowingProxy;
-pub use servers::{NatsServer, RedisServer, free_port};
+pub use servers::{NatsCluster, NatsServer, RedisServer, free_port};

@@ -4,8 +4,10 @@
 1. Every document in k8s/*.yaml validates (strict: unknown fields are errors) against the
    Kubernetes JSON schemas that the kubernetes-validate package ships, for KUBERNETES_VERSION.
 2. The env contract of the `ticketing` roles on Kubernetes: NATS, MongoDB, Redis, secrets,
-   probes, resources and security context of the api, worker and scheduler Deployments, and
-   the wiring between manifests (services, ports, selectors, ingress, Mongo members).
+   probes, resources and security context of the api, worker and scheduler Deployments, the
+   wiring between manifests (services, ports, selectors, ingress, Mongo members), NATS as a
+   three-node JetStream cluster with the worker's stream replicas to match, and the worker's
+   stream limits against NATS's max_file_store and volume.
 3. docker-compose.yml, skaffold.yaml and the Dockerfile say what the README promises.
 
 Usage: python3 tests/k8s/check_manifests.py   (needs: pip install kubernetes-validate pyyaml)
@@ -385,6 +387,117 @@ def check_wiring(docs: dict) -> None:
             check(not re.match(path["path"] + "$", "/api/orders"), "Ingress: the tickets path must not catch /api/orders")
 
 
+# NATS sizes: `1536MB` is MiB, `1536M` is millions of bytes (nats-server's config parser).
+NATS_SIZE = re.compile(r"^([0-9]+)\s*([kmgt]?)(b|i|ib)?$", re.IGNORECASE)
+# The streams of NATS_STREAM_MAX_BYTES each server holds: the tickets stream, and the orders
+# stream this service creates once order events land.
+STREAMS_SIZED_FOR = 2
+DUPLICATE_WINDOW_DEFAULT = 120
+
+
+def nats_size(value: str) -> int | None:
+    m = NATS_SIZE.match(value.strip())
+    if not m:
+        return None
+    power = " kmgt".index(m.group(2).lower() or " ")
+    return int(m.group(1)) * (1024 if m.group(3) else 1000) ** power
+
+
+def check_nats_cluster(docs: dict) -> None:
+    """NATS is a JetStream cluster of an odd number (3+) of servers: a StatefulSet whose pods
+    route to each other through a headless Service, named after their pods, a volume each; the
+    worker's streams have as many replicas as there are servers (at most 3, JetStream's
+    usual)."""
+    nats_w = [w for w in workloads(docs) if w["spec"]["template"]["metadata"].get("labels", {}).get("app") == "nats"]
+    if len(nats_w) != 1:
+        return
+    w = nats_w[0]
+    name = w["metadata"]["name"]
+    replicas = w["spec"].get("replicas", 1)
+    if not check(w["kind"] == "StatefulSet", "NATS must be a StatefulSet (a stable name and volume per server)"):
+        return
+    check(replicas >= 3 and replicas % 2 == 1, f"NATS: a cluster of 3 (or 5) servers, not {replicas}")
+    check(w["spec"].get("podManagementPolicy") == "Parallel",
+          "NATS: podManagementPolicy Parallel (a server is ready only once the cluster has formed)")
+    check(w["spec"].get("volumeClaimTemplates"), "NATS: a volume per server (volumeClaimTemplates)")
+    headless = services_for(docs).get(w["spec"].get("serviceName", ""))
+    if check(headless is not None, f"NATS: serviceName {w['spec'].get('serviceName')!r} is not a Service of k8s/"):
+        hs = headless["spec"]
+        check(hs.get("clusterIP") == "None", f"Service {headless['metadata']['name']} must be headless (clusterIP: None)")
+        check(hs.get("publishNotReadyAddresses") is True,
+              f"Service {headless['metadata']['name']}: publishNotReadyAddresses (routes resolve before readiness)")
+        check(any(p["port"] == 6222 for p in hs.get("ports", [])),
+              f"Service {headless['metadata']['name']} must expose the cluster port 6222")
+    c = w["spec"]["template"]["spec"]["containers"][0]
+    check(any(p.get("containerPort") == 6222 for p in c.get("ports", [])), "NATS: containerPort 6222 (routes)")
+    pod_name = env_of(c).get("POD_NAME", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
+    confs = [d for fd in docs.values() for d in fd if d.get("kind") == "ConfigMap"
+             and any(v.get("configMap", {}).get("name") == d["metadata"]["name"]
+                     for v in w["spec"]["template"]["spec"].get("volumes", []))]
+    conf = " ".join(v for d in confs for v in d.get("data", {}).values())
+    check(re.search(r"(?m)^\s*server_name:\s*\$POD_NAME\s*$", conf) and pod_name == "metadata.name",
+          "NATS: server_name must be $POD_NAME, from fieldRef metadata.name")
+    check(re.search(r"(?m)^\s*cluster\s*[{:]", conf), "NATS: a cluster block")
+    if headless is not None:
+        hname = headless["metadata"]["name"]
+        routes = set(re.findall(r"nats://([\w.-]+):6222", conf))
+        wanted = {f"{name}-{i}.{hname}" for i in range(replicas)}
+        check(wanted <= routes, f"NATS routes must list every server ({sorted(wanted)}), have {sorted(routes)}")
+    pdbs = [d for fd in docs.values() for d in fd if d.get("kind") == "PodDisruptionBudget"
+            and d["spec"].get("selector", {}).get("matchLabels", {}).items()
+            <= w["spec"]["template"]["metadata"].get("labels", {}).items()]
+    check(len(pdbs) == 1 and pdbs[0]["spec"].get("maxUnavailable") == 1,
+          "NATS: a PodDisruptionBudget with maxUnavailable 1 (a majority stays up)")
+
+    depl = find(docs, "Deployment", ROLES["worker"][1])
+    if depl is not None:
+        where = f"{ROLES['worker'][0]}: {ROLES['worker'][1]}"
+        env = env_of(depl["spec"]["template"]["spec"]["containers"][0])
+        check_plain(env, "NATS_STREAM_REPLICAS", where, lambda v: v == str(min(replicas, 3)),
+                    f"must be {min(replicas, 3)}: a copy on each of the cluster's servers")
+
+
+def check_stream_sizing(docs: dict) -> None:
+    """The worker's stream limits keep the outbox's guarantees and fit NATS's storage, which
+    fits its volume."""
+    depl = find(docs, "Deployment", ROLES["worker"][1])
+    nats_w = [w for w in workloads(docs) if w["spec"]["template"]["metadata"].get("labels", {}).get("app") == "nats"]
+    if depl is None or len(nats_w) != 1:
+        return
+    where = f"{ROLES['worker'][0]}: {ROLES['worker'][1]}"
+    env = env_of(depl["spec"]["template"]["spec"]["containers"][0])
+    check_plain(env, "NATS_STREAM_MAX_AGE_SECS", where, str.isdigit, "must be a number of seconds")
+    check_plain(env, "NATS_STREAM_MAX_BYTES", where, str.isdigit, "must be a number of bytes")
+    age = env.get("NATS_STREAM_MAX_AGE_SECS", {}).get("value", "")
+    window = env.get("NATS_DUPLICATE_WINDOW_SECS", {}).get("value", str(DUPLICATE_WINDOW_DEFAULT))
+    if age.isdigit() and window.isdigit():
+        check(int(age) > int(window),
+              f"{where}: NATS_STREAM_MAX_AGE_SECS ({age}) must exceed NATS_DUPLICATE_WINDOW_SECS ({window})")
+    max_bytes = env.get("NATS_STREAM_MAX_BYTES", {}).get("value", "")
+
+    w = nats_w[0]
+    confs = [d for fd in docs.values() for d in fd if d.get("kind") == "ConfigMap"
+             and any(v.get("configMap", {}).get("name") == d["metadata"]["name"]
+                     for v in w["spec"]["template"]["spec"].get("volumes", []))]
+    conf_text = " ".join(v for d in confs for v in d.get("data", {}).values())
+    store = re.search(r"(?m)^\s*max_file_store:\s*([0-9]+\s*[A-Za-z]*)\s*$", conf_text)
+    if not check(store, "NATS must set jetstream max_file_store (what the streams may fill)"):
+        return
+    file_store = nats_size(store.group(1))
+    if not check(file_store, f"NATS max_file_store {store.group(1)!r} is not a size"):
+        return
+    if max_bytes.isdigit():
+        check(int(max_bytes) * STREAMS_SIZED_FOR <= file_store,
+              f"{where}: {STREAMS_SIZED_FOR} streams of NATS_STREAM_MAX_BYTES ({max_bytes}) must fit NATS's "
+              f"max_file_store ({store.group(1)} = {file_store} bytes)")
+    claims = w["spec"].get("volumeClaimTemplates", [])
+    sizes = [quantity(c["spec"]["resources"]["requests"]["storage"]) for c in claims
+             if c.get("spec", {}).get("resources", {}).get("requests", {}).get("storage")]
+    if check(sizes and sizes[0], "NATS's volume claim needs a storage size"):
+        check(file_store < sizes[0],
+              f"NATS max_file_store ({file_store} bytes) must be smaller than its volume ({sizes[0]:.0f} bytes)")
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. Compose, skaffold, Dockerfile
 
@@ -481,6 +594,8 @@ def main() -> int:
     for role in ROLES:
         check_role(docs, role)
     check_wiring(docs)
+    check_nats_cluster(docs)
+    check_stream_sizing(docs)
     check_resources(docs)
     check_compose()
     check_skaffold()

@@ -238,9 +238,10 @@ impl Dispatcher {
                 .increment(wave.len() as u64);
             let acked_at = chrono::Utc::now();
             let mut delivered = Vec::new();
-            // By error text, outcome, and whether a read just showed the event absent.
-            let mut failures: BTreeMap<(String, AttemptOutcome, bool), Vec<EventId>> =
-                BTreeMap::new();
+            // By error text and kind (the metric label), the outcome, and whether a read just
+            // showed the event absent.
+            type Key = (String, &'static str, AttemptOutcome, bool);
+            let mut failures: BTreeMap<Key, Vec<EventId>> = BTreeMap::new();
             let mut failed_tickets = HashSet::new();
             for (event, result) in wave.iter().zip(results) {
                 match result {
@@ -260,6 +261,7 @@ impl Dispatcher {
                         failed_tickets.insert(event.aggregate_id);
                         let key = (
                             error.to_string(),
+                            error.kind().as_str(),
                             error.outcome(),
                             absent.contains(&event.id),
                         );
@@ -273,10 +275,10 @@ impl Dispatcher {
                 metrics::counter!("outbox_publish_successes_total", "path" => path_label)
                     .increment(delivered.len() as u64);
             }
-            for ((error, attempt_outcome, was_absent), ids) in failures {
-                metrics::counter!("outbox_publish_failures_total", "path" => path_label)
+            for ((error, kind, attempt_outcome, was_absent), ids) in failures {
+                metrics::counter!("outbox_publish_failures_total", "path" => path_label, "kind" => kind)
                     .increment(ids.len() as u64);
-                tracing::warn!(path = path.as_str(), events = ids.len(), %error,
+                tracing::warn!(path = path.as_str(), events = ids.len(), kind, %error,
                     outcome = attempt_outcome.as_str(), "publish failed");
                 let attempt = FailedAttempt::new(
                     error,

@@ -7,7 +7,9 @@ pub mod feed;
 pub mod job;
 pub mod nats_auth;
 pub mod publisher;
+pub mod stream;
 
 pub use dispatch::{DispatchConfig, Dispatcher, Outcome, Path};
 pub use nats_auth::NatsAuth;
-pub use publisher::{JetStreamPublisher, NatsConfig};
+pub use publisher::{FailureKind, JetStreamPublisher, NatsConfig, PublishError};
+pub use stream::StreamPolicy;

@@ -3,12 +3,14 @@
 //! event whose ack was lost (within the stream's duplicate window).
 
 use crate::nats_auth::NatsAuth;
+use crate::stream::StreamPolicy;
 use async_nats::jetstream::{self, context::PublishErrorKind, stream};
 use common::domain::AttemptOutcome;
 use common::{OutboxEvent, redact_url};
 use futures::StreamExt;
 use futures::future::join_all;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 use tokio::sync::Mutex;
 
@@ -27,6 +29,9 @@ pub struct NatsConfig {
     pub duplicate_window: Duration,
     /// How long a publish waits for its PubAck.
     pub ack_timeout: Duration,
+    /// The limits and replicas the stream is created with (`NATS_STREAM_MAX_AGE_SECS`,
+    /// `NATS_STREAM_MAX_BYTES`, `NATS_STREAM_REPLICAS`); an existing stream is left as it is.
+    pub policy: StreamPolicy,
 }
 
 /// How long a publish waits for a connection that is being (re)established before failing.
@@ -55,12 +60,17 @@ pub enum PublishError {
     /// The stream could not be looked up or created: nothing was sent.
     #[error("cannot get or create JetStream stream {stream}: {reason}")]
     Stream { stream: String, reason: String },
-    /// JetStream answered that no stream captures the subject (the stream was deleted).
-    #[error("no JetStream stream captures this subject")]
+    /// No stream answered for the subject ("no responders"): the stream was deleted, or its
+    /// servers are electing a leader (a JetStream cluster, for a few seconds).
+    #[error("no JetStream stream answered for this subject (deleted, or electing a leader)")]
     NoStream,
     /// The client could not take the message.
     #[error("{0}")]
     Send(String),
+    /// JetStream refused the message for want of room: the stream (a limit with discard new)
+    /// or the server's (or account's) JetStream storage is full.
+    #[error("NATS is full: {reason}")]
+    StorageFull { reason: String },
     /// JetStream (or the client, before sending) refused the message: it is not stored.
     #[error("{0}")]
     Refused(String),
@@ -80,20 +90,74 @@ impl PublishError {
             | PublishError::Stream { .. }
             | PublishError::NoStream
             | PublishError::Send(_)
+            | PublishError::StorageFull { .. }
             | PublishError::Refused(_) => AttemptOutcome::NotStored,
         }
     }
+}
 
-    /// A PubAck that did not come: `answered` when the server's answer was an error (a
-    /// JetStream API error), as opposed to no answer at all.
-    fn of_ack(kind: PublishErrorKind, answered: bool, text: String) -> Self {
-        match kind {
-            // "No responders": no stream listens on the subject (deleted, or no leader).
-            PublishErrorKind::StreamNotFound => PublishError::NoStream,
-            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe => PublishError::NoAck(text),
-            PublishErrorKind::Other if !answered => PublishError::NoAck(text),
-            _ => PublishError::Refused(text),
+impl PublishError {
+    /// What kind of failure this is: the `kind` label of `outbox_publish_failures_total`.
+    pub fn kind(&self) -> FailureKind {
+        match self {
+            PublishError::NotConnected { .. } => FailureKind::NotConnected,
+            PublishError::Stream { .. } => FailureKind::Stream,
+            PublishError::NoStream => FailureKind::NoStream,
+            PublishError::Send(_) => FailureKind::Send,
+            PublishError::StorageFull { .. } => FailureKind::StorageFull,
+            PublishError::Refused(_) => FailureKind::Refused,
+            PublishError::NoAck(_) => FailureKind::NoAck,
         }
+    }
+}
+
+/// The kinds of publish failure, as metric labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum FailureKind {
+    NotConnected,
+    Stream,
+    NoStream,
+    Send,
+    StorageFull,
+    Refused,
+    NoAck,
+}
+
+impl FailureKind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            FailureKind::NotConnected => "not_connected",
+            FailureKind::Stream => "stream",
+            FailureKind::NoStream => "no_stream",
+            FailureKind::Send => "send",
+            FailureKind::StorageFull => "storage_full",
+            FailureKind::Refused => "refused",
+            FailureKind::NoAck => "no_ack",
+        }
+    }
+}
+
+/// A PubAck that did not come, as a [`PublishError`]: an answer of the server's is a refusal
+/// (JetStream's "no room" answers are [`PublishError::StorageFull`]); no answer at all (a
+/// timeout, the connection dropped while waiting) leaves the outcome unknown.
+fn ack_error(e: &jetstream::context::PublishError) -> PublishError {
+    let text = e.to_string();
+    let refusal = std::error::Error::source(e).and_then(|s| s.downcast_ref::<jetstream::Error>());
+    match (e.kind(), refusal) {
+        // "No responders": no stream listens on the subject (deleted, or electing a leader).
+        (PublishErrorKind::StreamNotFound, _) => PublishError::NoStream,
+        (_, Some(r)) if crate::stream::is_full(r.error_code().0, &r.to_string()) => {
+            PublishError::StorageFull {
+                reason: r.to_string(),
+            }
+        }
+        (_, Some(_)) => PublishError::Refused(text),
+        (
+            PublishErrorKind::TimedOut | PublishErrorKind::BrokenPipe | PublishErrorKind::Other,
+            None,
+        ) => PublishError::NoAck(text),
+        // Refused by the client before sending (too large, too many acks pending).
+        _ => PublishError::Refused(text),
     }
 }
 
@@ -110,6 +174,11 @@ pub struct JetStreamPublisher {
     js: jetstream::Context,
     config: NatsConfig,
     stream_ready: Mutex<bool>,
+    /// An existing stream whose limits differ is reported once per process.
+    reported: AtomicBool,
+    /// The stream was found ready once: later checks (after "no responders", as during every
+    /// leader election of a cluster) log at debug.
+    was_ready: AtomicBool,
 }
 
 impl JetStreamPublisher {
@@ -152,6 +221,8 @@ impl JetStreamPublisher {
             js,
             config,
             stream_ready: Mutex::new(false),
+            reported: AtomicBool::new(false),
+            was_ready: AtomicBool::new(false),
         })
     }
 
@@ -179,32 +250,50 @@ impl JetStreamPublisher {
         &self.config.stream
     }
 
-    /// Gets or creates the stream (file storage, `ticket.>`, the duplicate window), once.
+    /// The configuration the stream is created with: file storage, `ticket.>`, the duplicate
+    /// window and the limits of the policy.
+    pub fn stream_config(&self) -> stream::Config {
+        self.config.policy.apply(stream::Config {
+            name: self.config.stream.clone(),
+            subjects: vec![STREAM_SUBJECTS.to_owned()],
+            storage: stream::StorageType::File,
+            duplicate_window: self.config.duplicate_window,
+            ..Default::default()
+        })
+    }
+
+    /// Gets or creates the stream ([`Self::stream_config`]), once. An existing stream is left
+    /// as it is; if its limits differ, that is logged once (warn).
     pub async fn ensure_stream(&self) -> Result<(), PublishError> {
         let mut ready = self.stream_ready.lock().await;
         if *ready {
             return Ok(());
         }
-        let created = self
-            .js
-            .get_or_create_stream(stream::Config {
-                name: self.config.stream.clone(),
-                subjects: vec![STREAM_SUBJECTS.to_owned()],
-                storage: stream::StorageType::File,
-                duplicate_window: self.config.duplicate_window,
-                ..Default::default()
-            })
-            .await;
-        if let Err(e) = created {
+        let wanted = self.stream_config();
+        let existing = match self.js.get_or_create_stream(wanted.clone()).await {
+            Ok(stream) => stream.cached_info().config.clone(),
             // Another worker may have created it between our lookup and our create.
-            if self.js.get_stream(&self.config.stream).await.is_err() {
-                return Err(PublishError::Stream {
-                    stream: self.config.stream.clone(),
-                    reason: e.to_string(),
-                });
-            }
+            Err(e) => match self.js.get_stream(&self.config.stream).await {
+                Ok(stream) => stream.cached_info().config.clone(),
+                Err(_) => {
+                    return Err(PublishError::Stream {
+                        stream: self.config.stream.clone(),
+                        reason: e.to_string(),
+                    });
+                }
+            },
+        };
+        let differences = crate::stream::differences(&wanted, &existing);
+        if !differences.is_empty() && !self.reported.swap(true, Ordering::Relaxed) {
+            tracing::warn!(stream = %self.config.stream, differences = %differences.join("; "),
+                "the JetStream stream exists with other limits or replicas than configured; it is \
+                 left as it is (`nats stream edit` changes it)");
         }
-        tracing::info!(stream = %self.config.stream, "JetStream stream ready");
+        if self.was_ready.swap(true, Ordering::Relaxed) {
+            tracing::debug!(stream = %self.config.stream, "JetStream stream ready");
+        } else {
+            tracing::info!(stream = %self.config.stream, "JetStream stream ready");
+        }
         *ready = true;
         Ok(())
     }
@@ -236,11 +325,7 @@ impl JetStreamPublisher {
             pending.push(sent.map_err(|e| PublishError::Send(e.to_string())));
         }
         let acks = pending.into_iter().map(|sent| async move {
-            let ack = sent?.await.map_err(|e| {
-                let answered = std::error::Error::source(&e)
-                    .is_some_and(|s| s.is::<async_nats::jetstream::Error>());
-                PublishError::of_ack(e.kind(), answered, e.to_string())
-            })?;
+            let ack = sent?.await.map_err(|e| ack_error(&e))?;
             Ok(Published {
                 sequence: ack.sequence,
                 duplicate: ack.duplicate,
@@ -340,28 +425,78 @@ impl JetStreamPublisher {
 mod tests {
     use super::*;
 
+    /// A refusal as nats-server 2.9 sends it in a PubAck.
+    fn refused(code: u64, description: &str) -> jetstream::context::PublishError {
+        let error: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": 503, "err_code": code, "description": description
+        }))
+        .expect("a JetStream error");
+        jetstream::context::PublishError::with_source(PublishErrorKind::Other, error)
+    }
+
+    fn no_answer(kind: PublishErrorKind) -> jetstream::context::PublishError {
+        jetstream::context::PublishError::new(kind)
+    }
+
+    #[test]
+    fn a_full_stream_or_server_is_its_own_failure_saying_so() {
+        for (code, description) in [
+            (10023, "insufficient resources"),
+            (10077, "maximum bytes exceeded"),
+        ] {
+            let e = ack_error(&refused(code, description));
+            assert_eq!(e.kind().as_str(), "storage_full");
+            let text = e.to_string();
+            assert!(
+                text.starts_with("NATS is full: ") && text.contains(description),
+                "{text}"
+            );
+        }
+        let other = ack_error(&refused(10060, "expected stream does not match"));
+        assert_eq!(other.kind().as_str(), "refused");
+        let gone = ack_error(&no_answer(PublishErrorKind::StreamNotFound));
+        assert_eq!(gone, PublishError::NoStream);
+        assert_eq!(gone.kind().as_str(), "no_stream");
+    }
+
     #[test]
     fn only_a_publish_that_got_no_answer_may_have_been_stored() {
-        let text = || "x".to_owned();
-        for (kind, answered, outcome) in [
-            (PublishErrorKind::TimedOut, false, AttemptOutcome::Unknown),
-            (PublishErrorKind::BrokenPipe, false, AttemptOutcome::Unknown),
-            (PublishErrorKind::Other, false, AttemptOutcome::Unknown),
-            (PublishErrorKind::Other, true, AttemptOutcome::NotStored),
+        for (e, outcome) in [
             (
-                PublishErrorKind::StreamNotFound,
-                false,
+                no_answer(PublishErrorKind::TimedOut),
+                AttemptOutcome::Unknown,
+            ),
+            (
+                no_answer(PublishErrorKind::BrokenPipe),
+                AttemptOutcome::Unknown,
+            ),
+            (no_answer(PublishErrorKind::Other), AttemptOutcome::Unknown),
+            (
+                refused(10060, "expected stream does not match"),
                 AttemptOutcome::NotStored,
             ),
             (
-                PublishErrorKind::MaxPayloadExceeded,
-                false,
+                refused(10077, "maximum bytes exceeded"),
+                AttemptOutcome::NotStored,
+            ),
+            (
+                no_answer(PublishErrorKind::StreamNotFound),
+                AttemptOutcome::NotStored,
+            ),
+            (
+                no_answer(PublishErrorKind::MaxPayloadExceeded),
                 AttemptOutcome::NotStored,
             ),
         ] {
-            let e = PublishError::of_ack(kind, answered, text());
-            assert_eq!(e.outcome(), outcome, "{kind:?} answered={answered}");
+            let failure = ack_error(&e);
+            assert_eq!(failure.outcome(), outcome, "{failure:?}");
         }
+        assert_eq!(
+            ack_error(&no_answer(PublishErrorKind::TimedOut))
+                .kind()
+                .as_str(),
+            "no_ack"
+        );
         let down = PublishError::NotConnected {
             url: "nats://h".into(),
         };
