@@ -21,6 +21,9 @@
 //!    stream, drained by sweeps that read the stream first (against the drain of 3).
 //! 7. (opt-in, `-- --only 7`) On a three-node cluster: 1b's create rate and the drain rate on a
 //!    three-replica stream against a one-replica stream.
+//! 8. Order events in: 10,000 `order.created` waiting in the orders stream, applied by the
+//!    orders consumer (one store transaction per fetch, acks after it), against raw JetStream
+//!    fetch-and-ack of the same messages.
 
 #[path = "outbox/cluster.rs"]
 mod cluster;
@@ -34,6 +37,8 @@ mod latency;
 mod load;
 #[path = "outbox/memory.rs"]
 mod memory;
+#[path = "outbox/orders_in.rs"]
+mod orders_in;
 #[path = "outbox/peak_rss.rs"]
 mod peak_rss;
 #[path = "outbox/reconcile.rs"]
@@ -97,6 +102,8 @@ struct Plan {
     backlog: usize,
     /// Scenario 6's events of unknown outcome.
     reconcile_backlog: usize,
+    /// Scenario 8: order messages waiting in the orders stream.
+    orders: usize,
     sweep_sizes: Vec<usize>,
     empty_reps: usize,
     sweep_reps: usize,
@@ -134,6 +141,7 @@ impl Plan {
                 rtt_samples: 200,
                 backlog: 5_000,
                 reconcile_backlog: 1_000,
+                orders: 2_000,
                 sweep_sizes: vec![1_000, 10_000],
                 empty_reps: 21,
                 sweep_reps: 3,
@@ -153,6 +161,7 @@ impl Plan {
                 rtt_samples: 2_000,
                 backlog: 100_000,
                 reconcile_backlog: 10_000,
+                orders: 10_000,
                 sweep_sizes: vec![1_000, 100_000, 1_000_000],
                 empty_reps: 101,
                 sweep_reps: 11,
@@ -310,6 +319,14 @@ async fn run(plan: Plan) -> anyhow::Result<()> {
             env::load_average()
         );
         cluster::scenario_cluster(&plan, &token, &mut rows).await?;
+    }
+    if plan.runs(8) {
+        println!(
+            "\n[8] order events in: {} order.created applied by the orders consumer (load {})",
+            plan.orders,
+            env::load_average()
+        );
+        orders_in::scenario_orders_in(&plan, &nats, &mut rows).await?;
     }
 
     println!(

@@ -31,16 +31,18 @@ pub struct Cli {
 pub enum Command {
     /// Serve the HTTP API.
     Api(ApiArgs),
-    /// Run every role in one process, without Redis: the HTTP API, the change-feed consumer and
-    /// the retry sweep on the in-process cron schedule. The embedded default.
+    /// Run every role in one process, without Redis: the HTTP API, the change-feed consumer, the
+    /// retry sweep on the in-process cron schedule and the orders consumer. The embedded default.
     All(AllArgs),
     /// Deliver the outbox: the change-feed consumer (first attempts) and the worker of the
-    /// RetryPublishingNATSEvents jobs queued in Redis.
+    /// RetryPublishingNATSEvents jobs queued in Redis; apply order events (the orders consumer).
     Worker(WorkerArgs),
     /// Push one RetryPublishingNATSEvents job per RETRY_SCHEDULE tick into Redis.
     Scheduler(SchedulerArgs),
     /// Look at and act on the outbox: stats, list, show, retry.
     Outbox(crate::outbox_cmd::OutboxArgs),
+    /// Look at and act on parked order messages: list, show, replay, drop.
+    Inbox(crate::inbox_cmd::InboxArgs),
     /// Print a JWT signed with JWT_KEY and the cookie header that carries it, to call the API
     /// without the auth service.
     Token(TokenArgs),
@@ -113,6 +115,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Worker(args) => serve_worker(args).await,
         Command::Scheduler(args) => serve_scheduler(args).await,
         Command::Outbox(args) => crate::outbox_cmd::run(args).await,
+        Command::Inbox(args) => crate::inbox_cmd::run(args).await,
         Command::Token(args) => print_token(args),
     };
     match result {
@@ -136,6 +139,7 @@ pub async fn serve_api(args: ApiArgs) -> anyhow::Result<()> {
         outbox: Some(store.clone()),
         nats: None,
         nats_required: false,
+        orders: None,
         redis: None,
         jobs: None,
         alert_threshold: i64::MAX,

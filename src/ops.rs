@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use worker::JetStreamPublisher;
 use worker::job::JobWorkerStatus;
+use worker::orders::OrdersConsumer;
 
 /// Longest a dependency check may take before it counts as down.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
@@ -70,8 +71,11 @@ pub struct Probes {
     pub outbox: Option<Arc<dyn OutboxAdmin>>,
     pub nats: Option<Arc<JetStreamPublisher>>,
     /// The API stays ready while NATS is down (taking tickets during an outage is the point of
-    /// the outbox); a worker without NATS cannot do its job.
+    /// the outbox); a worker without NATS cannot do its job. The same goes for the orders
+    /// consumer.
     pub nats_required: bool,
+    /// The orders consumer (`all`, `worker`): bound to its stream and stepping; the parked gauge.
+    pub orders: Option<Arc<OrdersConsumer>>,
     /// Checked with a fresh connection each time, so readiness tells the truth about Redis now.
     pub redis: Option<redis::Client>,
     /// The Redis job worker (`worker`): required, it is what retries failed events.
@@ -97,6 +101,16 @@ impl Probes {
         let nats = self.nats.as_ref()?;
         let up = nats.is_connected();
         Some(json!({"status": if up { "up" } else { "down" }, "required": self.nats_required}))
+    }
+
+    fn check_orders(&self) -> Option<Value> {
+        let orders = self.orders.as_ref()?;
+        Some(match orders.readiness() {
+            (true, _) => json!({"status": "up", "required": self.nats_required}),
+            (false, why) => {
+                json!({"status": "down", "required": self.nats_required, "error": why})
+            }
+        })
     }
 
     async fn check_redis(&self) -> Option<Value> {
@@ -129,6 +143,9 @@ impl Probes {
         if let Some(v) = self.check_nats() {
             checks.insert("nats".into(), v);
         }
+        if let Some(v) = self.check_orders() {
+            checks.insert("orders".into(), v);
+        }
         if let Some(v) = self.check_redis().await {
             checks.insert("redis".into(), v);
         }
@@ -151,6 +168,15 @@ impl Probes {
     /// of every waiting event (`events_due`, and the partial `events_failing` that holds only
     /// events that failed), never the events themselves. Bounded by `CHECK_TIMEOUT`.
     async fn refresh_gauges(&self) {
+        if let Some(orders) = &self.orders {
+            match tokio::time::timeout(CHECK_TIMEOUT, orders.refresh_gauges()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %common::error_chain(&e), "cannot count parked messages")
+                }
+                Err(_) => tracing::warn!("counting parked messages timed out"),
+            }
+        }
         let Some(outbox) = &self.outbox else { return };
         match tokio::time::timeout(CHECK_TIMEOUT, outbox.outbox_stats(self.alert_threshold)).await {
             Ok(Ok(stats)) => {

@@ -177,6 +177,51 @@ pub struct DeliverySettings {
     /// Events a sweep claims and publishes per step.
     #[arg(long, env = "SWEEP_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=5000))]
     pub sweep_batch_size: u64,
+    #[command(flatten)]
+    pub orders: OrdersSettings,
+}
+
+pub const DEFAULT_ORDERS_STREAM: &str = "orders";
+pub const DEFAULT_ORDERS_CONSUMER: &str = "tickets-service";
+pub const DEFAULT_INBOX_RETENTION_HOURS: u64 = 168;
+
+/// Order events in: where the orders consumer reads them, and how long the inbox remembers them.
+#[derive(Debug, Clone, Args)]
+pub struct OrdersSettings {
+    /// JetStream stream the orders service publishes `order.created` / `order.cancelled` to
+    /// (created if missing, capturing `order.>`, file storage).
+    #[arg(long, env = "ORDERS_STREAM", default_value = DEFAULT_ORDERS_STREAM, value_parser = parse_stream_name)]
+    pub orders_stream: String,
+    /// Durable pull consumer of the orders stream, shared by every replica (the course's queue
+    /// group).
+    #[arg(long, env = "ORDERS_CONSUMER", default_value = DEFAULT_ORDERS_CONSUMER, value_parser = parse_consumer_name)]
+    pub orders_consumer: String,
+    /// Hours an applied order message is remembered (its inbox record), so that it is applied
+    /// once however often it comes; parked messages stay until replayed or dropped. Longer than
+    /// the consumer's redelivery horizon (checked when it starts).
+    #[arg(long, env = "INBOX_RETENTION_HOURS", default_value_t = DEFAULT_INBOX_RETENTION_HOURS, value_parser = clap::value_parser!(u64).range(1..=87_600))]
+    pub inbox_retention_hours: u64,
+}
+
+impl Default for OrdersSettings {
+    fn default() -> Self {
+        Self {
+            orders_stream: DEFAULT_ORDERS_STREAM.to_owned(),
+            orders_consumer: DEFAULT_ORDERS_CONSUMER.to_owned(),
+            inbox_retention_hours: DEFAULT_INBOX_RETENTION_HOURS,
+        }
+    }
+}
+
+impl OrdersSettings {
+    pub fn retention(&self) -> Duration {
+        Duration::from_secs(self.inbox_retention_hours.saturating_mul(3600))
+    }
+}
+
+fn parse_consumer_name(s: &str) -> Result<String, String> {
+    parse_stream_name(s)
+        .map_err(|_| "a JetStream consumer name: no spaces, '.', '*', '>', '/' or '\\'".into())
 }
 
 /// A worker whose lease outlives JetStream's duplicate window would turn every crash

@@ -7,7 +7,10 @@ use anyhow::Context;
 use api::{ApiContext, JwtKey};
 use common::Store;
 use common::store::sqlite::SqliteOptions;
-use common::store::{AlertQueue, FreshEvents, Health, Outbox, OutboxAdmin, SqliteStore, Tickets};
+use common::store::{
+    AlertQueue, FreshEvents, Health, Inbox, InboxRetention, Outbox, OutboxAdmin, ParkedMessages,
+    SqliteStore, Tickets,
+};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,6 +19,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use worker::alerts::Alerter;
 use worker::job::{JobWorkerStatus, SweepRunner};
+use worker::orders::{OrdersConfig, OrdersConsumer};
 use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsConfig};
 
 /// How long in-flight requests may take to finish after a shutdown signal.
@@ -62,6 +66,11 @@ pub struct Stores {
     pub outbox: Arc<dyn Outbox>,
     pub alerts: Arc<dyn AlertQueue>,
     pub admin: Arc<dyn OutboxAdmin>,
+    /// The orders consumer: applying order messages, and the retention sweep of their records.
+    pub inbox: Arc<dyn Inbox>,
+    pub retention: Arc<dyn InboxRetention>,
+    /// The parked gauge.
+    pub parked: Arc<dyn ParkedMessages>,
 }
 
 impl Stores {
@@ -72,7 +81,10 @@ impl Stores {
             fresh: store.clone(),
             outbox: store.clone(),
             alerts: store.clone(),
-            admin: store,
+            admin: store.clone(),
+            inbox: store.clone(),
+            retention: store.clone(),
+            parked: store,
         }
     }
 }
@@ -162,11 +174,13 @@ pub fn cancel_on_signal(token: CancellationToken) {
 /// Longest one sweep job keeps claiming before it leaves the rest to the next tick.
 pub const SWEEP_BUDGET: Duration = Duration::from_secs(30);
 
-/// The delivery side: a NATS publisher, the dispatcher over the store, the sweep runner.
+/// The delivery side: a NATS publisher, the dispatcher over the store, the sweep runner; and
+/// the orders consumer, on the publisher's connection.
 pub struct Delivery {
     pub publisher: Arc<JetStreamPublisher>,
     pub dispatcher: Arc<Dispatcher>,
     pub runner: Arc<SweepRunner>,
+    pub orders: Arc<OrdersConsumer>,
     pub name: String,
 }
 
@@ -177,6 +191,11 @@ pub async fn build_delivery(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Delivery> {
     let name = settings.nats.client_id();
+    anyhow::ensure!(
+        settings.orders.orders_stream != settings.nats.nats_cluster_id,
+        "ORDERS_STREAM and NATS_CLUSTER_ID must name two streams (both are {:?})",
+        settings.orders.orders_stream
+    );
     let publisher = Arc::new(
         JetStreamPublisher::connect(NatsConfig {
             url: settings.nats.nats_url.clone(),
@@ -213,12 +232,24 @@ pub async fn build_delivery(
         SWEEP_BUDGET,
         shutdown.clone(),
     ));
+    let orders = Arc::new(OrdersConsumer::new(
+        publisher.client().clone(),
+        stores.inbox.clone(),
+        stores.retention.clone(),
+        stores.parked.clone(),
+        OrdersConfig::new(
+            &settings.orders.orders_stream,
+            &settings.orders.orders_consumer,
+            settings.orders.retention(),
+        ),
+    ));
     tracing::info!(worker = %name, nats = %common::redact_url(&settings.nats.nats_url), stream = %settings.nats.nats_cluster_id,
-        "outbox delivery configured");
+        orders_stream = %settings.orders.orders_stream, "outbox delivery and orders consumer configured");
     Ok(Delivery {
         publisher,
         dispatcher,
         runner,
+        orders,
         name,
     })
 }
@@ -275,7 +306,8 @@ pub async fn join_roles(
     result
 }
 
-/// `ticketing all`: the API, the change feed and the in-process retry schedule.
+/// `ticketing all`: the API, the change feed, the in-process retry schedule and the orders
+/// consumer.
 pub async fn run_all(
     addr: SocketAddr,
     jwt_key: &str,
@@ -292,6 +324,7 @@ pub async fn run_all(
         outbox: Some(stores.admin.clone()),
         nats: Some(d.publisher.clone()),
         nats_required: false,
+        orders: Some(d.orders.clone()),
         redis: None,
         jobs: None,
         alert_threshold: delivery.alert_threshold,
@@ -319,6 +352,10 @@ pub async fn run_all(
                 shutdown.clone(),
             )),
         ),
+        (
+            "orders consumer",
+            tokio::spawn(worker::orders::run(d.orders.clone(), shutdown.clone())),
+        ),
     ];
     let result = join_roles(tasks, shutdown).await;
     d.runner.drain().await;
@@ -326,7 +363,8 @@ pub async fn run_all(
     result
 }
 
-/// `ticketing worker`: the change feed and the Redis job worker, with health on `health`.
+/// `ticketing worker`: the change feed, the Redis job worker and the orders consumer, with
+/// health on `health`.
 pub async fn run_worker(
     stores: Stores,
     delivery: &DeliverySettings,
@@ -344,6 +382,7 @@ pub async fn run_worker(
         outbox: Some(stores.admin.clone()),
         nats: Some(d.publisher.clone()),
         nats_required: true,
+        orders: Some(d.orders.clone()),
         redis: Some(redis_client(&redis_url)?),
         jobs: Some(jobs.clone()),
         alert_threshold: delivery.alert_threshold,
@@ -374,6 +413,10 @@ pub async fn run_worker(
                 worker::job::run_redis_worker(runner, &redis_url, &name, jobs, jobs_shutdown).await
             }),
         ),
+        (
+            "orders consumer",
+            tokio::spawn(worker::orders::run(d.orders.clone(), shutdown.clone())),
+        ),
     ];
     let result = join_roles(tasks, shutdown).await;
     d.runner.drain().await;
@@ -396,6 +439,7 @@ pub async fn run_scheduler(
         outbox: None,
         nats: None,
         nats_required: false,
+        orders: None,
         redis: Some(redis_client(&redis_url)?),
         jobs: None,
         alert_threshold: 0,

@@ -201,7 +201,7 @@ async fn worker_and_scheduler_serve_health_on_their_own_port() {
         assert_eq!(metrics.status(), 200);
     }
     let (_, worker_ready) = get_json(&client, &format!("http://127.0.0.1:{wport}/readyz")).await;
-    for dep in ["store", "nats", "redis", "jobs"] {
+    for dep in ["store", "nats", "redis", "jobs", "orders"] {
         assert_eq!(
             worker_ready["checks"][dep]["status"], "up",
             "{worker_ready}"

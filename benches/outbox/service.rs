@@ -23,6 +23,7 @@ pub(crate) fn delivery_settings(url: &str, client: &str) -> DeliverySettings {
         alert_digest_secs: 60,
         alert_threshold: 5,
         sweep_batch_size: BATCH as u64,
+        orders: Default::default(),
     }
 }
 
@@ -173,6 +174,7 @@ impl Service {
                 outbox: Some(Arc::new(store.clone())),
                 nats: None,
                 nats_required: false,
+                orders: None,
                 redis: None,
                 jobs: None,
                 alert_threshold: i64::MAX,

@@ -7,6 +7,7 @@ pub mod backoff;
 pub mod display;
 pub mod domain;
 pub mod errors;
+pub mod inbox;
 pub mod jobs;
 pub mod outbox;
 pub mod redact;

@@ -4,7 +4,8 @@
 //! 30 s (the default `OUTBOX_LOCK_SECS`).
 
 use common::domain::AttemptOutcome;
-use common::outbox::{AlertKind, Claimer, FailedAttempt, Lease, rules};
+use common::inbox::{InboxMessage, ORDER_CANCELLED, ORDER_CREATED, Outcome, RetryPolicy, Verdict};
+use common::outbox::{AlertAbout, AlertKind, Claimer, FailedAttempt, Lease, rules};
 use common::store::{Page, Store, UpdateOutcome};
 use common::{EventId, NewTicket, Price, Subject, TicketChanges, TicketId, Title, UserId};
 use futures::StreamExt;
@@ -38,6 +39,14 @@ macro_rules! __store_contract_checks {
             concurrent_claims_each_get_a_full_batch_while_enough_are_due,
             a_stale_failure_report_raises_no_alert,
             concurrent_updates_of_one_ticket_answer_updated_or_conflict,
+            inbox_reserves_and_releases_with_one_event_each,
+            inbox_applies_a_message_once_however_often_it_comes,
+            inbox_a_cancelled_before_its_created_wins,
+            inbox_a_created_for_a_held_ticket_changes_nothing,
+            inbox_unknown_tickets_retry_then_park_and_malformed_messages_park_at_once,
+            inbox_parked_messages_replay_and_drop,
+            inbox_retention_deletes_settled_records_in_bounded_batches,
+            inbox_and_ticket_updates_interleave_with_contiguous_versions,
         );
     };
 }
@@ -329,8 +338,8 @@ pub async fn failures_unlock_keep_last_ten_and_alert_once(store: &dyn Store) {
         .expect("alerts");
     assert_eq!(alerts.len(), 1);
     assert_eq!(alerts[0].kind, AlertKind::Firing);
-    assert_eq!(alerts[0].event.id, id);
-    assert_eq!(alerts[0].event.attempts, 3);
+    assert_eq!(alerts[0].event().expect("about an event").id, id);
+    assert_eq!(alerts[0].event().expect("about an event").attempts, 3);
 }
 
 pub async fn complete_deletes_and_resolves_alerted(store: &dyn Store) {
@@ -373,7 +382,7 @@ pub async fn complete_deletes_and_resolves_alerted(store: &dyn Store) {
         "one resolved alert, for the alerted event only"
     );
     assert_eq!(resolved[0].kind, AlertKind::Resolved);
-    assert_eq!(resolved[0].event.id, alerted);
+    assert_eq!(resolved[0].event().expect("about an event").id, alerted);
     // Completing again (a re-delivered duplicate) is harmless.
     store.complete(&[alerted]).await.expect("complete");
 }
@@ -740,8 +749,11 @@ pub async fn a_stale_failure_report_raises_no_alert(store: &dyn Store) {
         .await
         .expect("alerts");
     assert_eq!(alerts.len(), 1);
-    assert_eq!(alerts[0].event.attempts, 2);
-    assert_eq!(alerts[0].event.last_error(), Some("error 2"));
+    assert_eq!(alerts[0].event().expect("about an event").attempts, 2);
+    assert_eq!(
+        alerts[0].event().expect("about an event").last_error(),
+        Some("error 2")
+    );
 }
 
 /// Writers racing on one version: exactly one wins, every other one hears `Conflict` (which the
@@ -770,4 +782,497 @@ pub async fn concurrent_updates_of_one_ticket_answer_updated_or_conflict(store: 
     }
     assert_eq!(updated, 1, "exactly one writer wins version 0");
     assert_eq!(store.list_events(10, None).await.expect("list").len(), 2);
+}
+
+// ---- The inbox (order messages in) ----
+
+/// An `order.created` / `order.cancelled` message as the course's orders service publishes it,
+/// with `id` as its `Nats-Msg-Id`.
+fn order_message(id: &str, subject: &str, order: &str, ticket: TicketId) -> InboxMessage {
+    let payload = if subject == ORDER_CREATED {
+        serde_json::json!({"id": order, "version": 0, "status": "created", "userId": "buyer",
+            "expiresAt": "2026-12-01T10:15:00.000Z", "ticket": {"id": ticket, "price": 20}})
+    } else {
+        serde_json::json!({"id": order, "version": 1, "ticket": {"id": ticket}})
+    };
+    InboxMessage::new(
+        Some(id),
+        "orders",
+        1,
+        subject,
+        payload.to_string().into_bytes(),
+        1,
+    )
+}
+
+fn created(id: &str, order: &str, ticket: TicketId) -> InboxMessage {
+    order_message(id, ORDER_CREATED, order, ticket)
+}
+
+fn cancelled(id: &str, order: &str, ticket: TicketId) -> InboxMessage {
+    order_message(id, ORDER_CANCELLED, order, ticket)
+}
+
+fn outcomes(verdicts: &[Verdict]) -> Vec<Outcome> {
+    verdicts.iter().map(Verdict::outcome).collect()
+}
+
+/// The events of one ticket still in the outbox, by version.
+async fn events_of(store: &dyn Store, ticket: TicketId) -> Vec<common::OutboxEvent> {
+    let mut events: Vec<_> = store
+        .list_events(1000, None)
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|e| e.aggregate_id == ticket)
+        .collect();
+    events.sort_by_key(|e| e.version);
+    events
+}
+
+async fn apply(store: &dyn Store, messages: &[InboxMessage]) -> Vec<Verdict> {
+    store
+        .apply_messages(messages, &RetryPolicy::DEFAULT)
+        .await
+        .expect("apply")
+}
+
+/// `order.created` reserves (the API then hides and protects the ticket), `order.cancelled`
+/// releases; each change is one version and one `ticket.updated` event built from the stored
+/// row, with `orderId` while reserved; each message leaves a settled record.
+pub async fn inbox_reserves_and_releases_with_one_event_each(store: &dyn Store) {
+    let t = store
+        .create_ticket(&new_ticket("concert", 20.0, "seller"))
+        .await
+        .expect("create");
+    let verdicts = apply(store, &[created("m1", "order-A", t.id)]).await;
+    assert_eq!(
+        verdicts,
+        [Verdict::Applied {
+            ticket: t.id,
+            order: "order-A".into(),
+            version: 1,
+            reserved: true
+        }]
+    );
+    let reserved = store.get_ticket(t.id).await.expect("get").expect("exists");
+    assert_eq!(
+        (reserved.version, reserved.order_id.as_deref()),
+        (1, Some("order-A"))
+    );
+    let listed = store
+        .list_unreserved(Page {
+            limit: 10,
+            after: None,
+        })
+        .await
+        .expect("list");
+    assert!(listed.is_empty(), "a reserved ticket is not listed");
+    let record = store
+        .get_message("m1")
+        .await
+        .expect("get")
+        .expect("recorded");
+    assert_eq!(record.outcome, Outcome::Applied);
+    assert_eq!(record.order_id.as_deref(), Some("order-A"));
+    assert!(record.done_at.is_some());
+    assert!(
+        record.payload.is_empty(),
+        "a settled record keeps no payload"
+    );
+
+    let verdicts = apply(store, &[cancelled("m2", "order-A", t.id)]).await;
+    assert_eq!(outcomes(&verdicts), [Outcome::Applied]);
+    let released = store.get_ticket(t.id).await.expect("get").expect("exists");
+    assert_eq!((released.version, released.order_id.as_deref()), (2, None));
+    let events = events_of(store, t.id).await;
+    assert_eq!(
+        events
+            .iter()
+            .map(|e| (e.subject, e.version))
+            .collect::<Vec<_>>(),
+        [
+            (Subject::TicketCreated, 0),
+            (Subject::TicketUpdated, 1),
+            (Subject::TicketUpdated, 2)
+        ]
+    );
+    assert_eq!(
+        events[1].data.to_value(),
+        serde_json::to_value(&reserved).expect("json")
+    );
+    assert_eq!(events[1].data.to_value()["orderId"], "order-A");
+    assert_eq!(
+        events[2].data.to_value(),
+        serde_json::to_value(&released).expect("json")
+    );
+    assert!(events[2].data.to_value().get("orderId").is_none());
+    assert!(
+        events.iter().all(|e| e.is_locked && e.attempts == 0),
+        "fresh events, as the API's"
+    );
+}
+
+/// Exactly once: a message delivered again (in the same batch, in a later one, or published
+/// again under its `Nats-Msg-Id` at another stream sequence) changes the ticket once.
+pub async fn inbox_applies_a_message_once_however_often_it_comes(store: &dyn Store) {
+    let t = store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    let m = created("order-A:created", "order-A", t.id);
+    let verdicts = apply(store, &[m.clone(), m.clone()]).await;
+    assert_eq!(outcomes(&verdicts), [Outcome::Applied, Outcome::Duplicate]);
+    let mut again = m.clone();
+    again.sequence = 2;
+    again.deliveries = 2;
+    assert_eq!(
+        outcomes(&apply(store, &[m, again]).await),
+        [Outcome::Duplicate; 2]
+    );
+    // Without a Nats-Msg-Id, the identity is the stream and the sequence.
+    let mut anonymous = cancelled("", "order-A", t.id);
+    anonymous.sequence = 9;
+    anonymous.id = common::inbox::message_key(None, "orders", 9);
+    let verdicts = apply(store, &[anonymous.clone()]).await;
+    assert_eq!(outcomes(&verdicts), [Outcome::Applied]);
+    assert_eq!(
+        outcomes(&apply(store, &[anonymous]).await),
+        [Outcome::Duplicate]
+    );
+    let stored = store.get_ticket(t.id).await.expect("get").expect("exists");
+    assert_eq!((stored.version, stored.order_id), (2, None));
+    assert_eq!(events_of(store, t.id).await.len(), 3, "created + 2 updates");
+    assert!(store.get_message("orders:9").await.expect("get").is_some());
+}
+
+/// Whatever the delivery order, a cancelled order never holds a ticket: its `cancelled`
+/// applied first is remembered, and its `created` changes nothing, in the same batch or later.
+pub async fn inbox_a_cancelled_before_its_created_wins(store: &dyn Store) {
+    let t = store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    let u = store
+        .create_ticket(&new_ticket("b", 1.0, "u"))
+        .await
+        .expect("create");
+    let verdicts = apply(
+        store,
+        &[
+            cancelled("c-A", "order-A", t.id),
+            cancelled("c-B", "order-B", u.id),
+            created("r-B", "order-B", u.id),
+        ],
+    )
+    .await;
+    assert_eq!(outcomes(&verdicts), [Outcome::NoOp; 3]);
+    let verdicts = apply(store, &[created("r-A", "order-A", t.id)]).await;
+    assert_eq!(outcomes(&verdicts), [Outcome::NoOp]);
+    for id in [t.id, u.id] {
+        let ticket = store.get_ticket(id).await.expect("get").expect("exists");
+        assert_eq!(
+            (ticket.version, ticket.order_id),
+            (0, None),
+            "never reserved"
+        );
+        assert_eq!(events_of(store, id).await.len(), 1, "no update event");
+    }
+    let record = store
+        .get_message("r-A")
+        .await
+        .expect("get")
+        .expect("recorded");
+    assert_eq!(record.outcome, Outcome::NoOp);
+    // Another order may still take the ticket.
+    let verdicts = apply(store, &[created("r-C", "order-C", t.id)]).await;
+    assert_eq!(outcomes(&verdicts), [Outcome::Applied]);
+}
+
+/// A `created` for order B while order A holds the ticket does not overwrite A.
+pub async fn inbox_a_created_for_a_held_ticket_changes_nothing(store: &dyn Store) {
+    let t = store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    apply(store, &[created("r-A", "order-A", t.id)]).await;
+    let verdicts = apply(store, &[created("r-B", "order-B", t.id)]).await;
+    assert_eq!(
+        verdicts,
+        [Verdict::Conflict {
+            ticket: t.id,
+            order: "order-B".into(),
+            holder: "order-A".into()
+        }]
+    );
+    let stored = store.get_ticket(t.id).await.expect("get").expect("exists");
+    assert_eq!(
+        (stored.version, stored.order_id.as_deref()),
+        (1, Some("order-A"))
+    );
+    let record = store
+        .get_message("r-B")
+        .await
+        .expect("get")
+        .expect("recorded");
+    assert_eq!(record.outcome, Outcome::Conflict);
+    // B's cancellation does not release A's ticket either.
+    let verdicts = apply(store, &[cancelled("c-B", "order-B", t.id)]).await;
+    assert_eq!(outcomes(&verdicts), [Outcome::NoOp]);
+    assert_eq!(events_of(store, t.id).await.len(), 2);
+}
+
+/// A message whose ticket is unknown is retried (nothing written) until its last delivery, then
+/// parked; a malformed one is parked at once. Parked: kept whole with why and its delivery
+/// count, out of the retention's reach, and an alert queued in the same transaction.
+pub async fn inbox_unknown_tickets_retry_then_park_and_malformed_messages_park_at_once(
+    store: &dyn Store,
+) {
+    let policy = RetryPolicy {
+        deliveries: 3,
+        first_delay: Duration::from_millis(100),
+        max_delay: Duration::from_secs(1),
+    };
+    let missing = TicketId::new();
+    let mut message = created("r-X", "order-X", missing);
+    for deliveries in 1..3 {
+        message.deliveries = deliveries;
+        let verdicts = store
+            .apply_messages(std::slice::from_ref(&message), &policy)
+            .await
+            .expect("apply");
+        assert_eq!(outcomes(&verdicts), [Outcome::Retried]);
+        assert!(verdicts[0].retry_after().is_some());
+        assert!(store.get_message("r-X").await.expect("get").is_none());
+    }
+    message.deliveries = 3;
+    let poison = InboxMessage::new(
+        Some("poison"),
+        "orders",
+        5,
+        ORDER_CANCELLED,
+        b"{oops".to_vec(),
+        1,
+    );
+    let verdicts = store
+        .apply_messages(&[message.clone(), poison], &policy)
+        .await
+        .expect("apply");
+    assert_eq!(outcomes(&verdicts), [Outcome::Parked, Outcome::Parked]);
+    let parked = store.get_message("r-X").await.expect("get").expect("kept");
+    assert!(parked.is_parked() && parked.done_at.is_none());
+    assert_eq!(parked.deliveries, 3);
+    assert_eq!(parked.payload, message.payload, "the raw message");
+    assert!(
+        parked
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.contains(&missing.to_hex())),
+        "{parked:?}"
+    );
+    let poison = store
+        .get_message("poison")
+        .await
+        .expect("get")
+        .expect("kept");
+    assert_eq!(poison.payload, b"{oops");
+    assert_eq!(poison.order_id, None);
+    assert_eq!(store.count_parked().await.expect("count"), 2);
+    let mut listed: Vec<String> = store
+        .list_parked(10)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["poison", "r-X"]);
+    let mut alerts = store
+        .claim_alerts(AlertKind::Parked, 10, &lease("a"))
+        .await
+        .expect("alerts");
+    alerts.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(
+        alerts.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+        ["inbox:poison:parked", "inbox:r-X:parked"]
+    );
+    assert!(alerts.iter().all(|a| a.kind == AlertKind::Parked));
+    let AlertAbout::Message(about) = &alerts[1].about else {
+        panic!("a parked alert is about the message: {:?}", alerts[1]);
+    };
+    assert_eq!((about.id.as_str(), about.deliveries), ("r-X", 3));
+    // The retention never takes a parked message.
+    let later = chrono::Utc::now() + chrono::Duration::days(365);
+    assert_eq!(store.expire_inbox(later, 100).await.expect("expire"), 0);
+    assert_eq!(store.count_parked().await.expect("count"), 2);
+}
+
+/// Operators: a replay applies a parked message again now (parked again, without a new alert,
+/// when it still cannot be applied); a drop forgets it. Neither touches a settled record.
+pub async fn inbox_parked_messages_replay_and_drop(store: &dyn Store) {
+    let t = store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    let unknown = created("r-X", "order-X", TicketId::new());
+    let poison = InboxMessage::new(
+        Some("poison"),
+        "orders",
+        5,
+        ORDER_CREATED,
+        b"[]".to_vec(),
+        1,
+    );
+    let verdicts = store
+        .apply_messages(
+            &[unknown, poison, created("r-A", "order-A", t.id)],
+            &RetryPolicy::PARK_AT_ONCE,
+        )
+        .await
+        .expect("apply");
+    assert_eq!(
+        outcomes(&verdicts),
+        [Outcome::Parked, Outcome::Parked, Outcome::Applied]
+    );
+    let queued = store
+        .claim_alerts(AlertKind::Parked, 10, &lease("a"))
+        .await
+        .expect("alerts");
+    assert_eq!(queued.len(), 2);
+    let ids: Vec<String> = queued.iter().map(|a| a.id.clone()).collect();
+    store.delete_alerts(&ids).await.expect("delete");
+    let replayed = store.replay_parked("r-X").await.expect("replay");
+    assert!(
+        matches!(&replayed, Some(Verdict::Parked { reason }) if reason.contains("unknown ticket")),
+        "{replayed:?}"
+    );
+    let again = store.get_message("r-X").await.expect("get").expect("kept");
+    assert!(again.is_parked());
+    assert!(
+        store
+            .claim_alerts(AlertKind::Parked, 10, &lease("a"))
+            .await
+            .expect("alerts")
+            .is_empty(),
+        "a replay the operator asked for alerts nobody"
+    );
+    assert_eq!(store.replay_parked("nope").await.expect("replay"), None);
+    assert_eq!(
+        store.replay_parked("r-A").await.expect("replay"),
+        None,
+        "an applied message is not replayed"
+    );
+    assert_eq!(store.drop_parked("r-A").await.expect("drop"), None);
+    let dropped = store
+        .drop_parked("poison")
+        .await
+        .expect("drop")
+        .expect("was parked");
+    assert_eq!(dropped.payload, b"[]");
+    assert!(store.get_message("poison").await.expect("get").is_none());
+    assert_eq!(store.drop_parked("poison").await.expect("drop"), None);
+    assert_eq!(store.count_parked().await.expect("count"), 1);
+    assert_eq!(
+        events_of(store, t.id).await.len(),
+        2,
+        "nothing applied twice"
+    );
+}
+
+/// Settled records expire in bounded batches (a range over an index); younger ones and parked
+/// ones stay.
+pub async fn inbox_retention_deletes_settled_records_in_bounded_batches(store: &dyn Store) {
+    let mut messages = Vec::new();
+    for i in 0..5 {
+        let t = store
+            .create_ticket(&new_ticket(&format!("t{i}"), 1.0, "u"))
+            .await
+            .expect("create");
+        messages.push(created(&format!("r-{i}"), &format!("order-{i}"), t.id));
+    }
+    messages.push(InboxMessage::new(
+        Some("poison"),
+        "orders",
+        9,
+        ORDER_CREATED,
+        b"x".to_vec(),
+        1,
+    ));
+    apply(store, &messages).await;
+    let hour = chrono::Duration::hours(1);
+    let past = chrono::Utc::now() - hour;
+    assert_eq!(
+        store.expire_inbox(past, 10).await.expect("expire"),
+        0,
+        "too young"
+    );
+    let future = chrono::Utc::now() + hour;
+    let mut rounds = Vec::new();
+    loop {
+        let n = store.expire_inbox(future, 2).await.expect("expire");
+        rounds.push(n);
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(rounds, [2, 2, 1, 0]);
+    assert!(store.get_message("r-0").await.expect("get").is_none());
+    assert!(store.get_message("poison").await.expect("get").is_some());
+}
+
+/// Ticket updates (the API's optimistic writes, re-read on a conflict) and order messages on
+/// one ticket at once: both apply, the versions stay contiguous, one event each.
+pub async fn inbox_and_ticket_updates_interleave_with_contiguous_versions(store: &dyn Store) {
+    let t = store
+        .create_ticket(&new_ticket("a", 1.0, "u"))
+        .await
+        .expect("create");
+    let updates = async {
+        let mut applied = 0;
+        for i in 0..10 {
+            loop {
+                let current = store.get_ticket(t.id).await.expect("get").expect("exists");
+                let outcome = store
+                    .update_ticket(t.id, current.version, &changes(&format!("v{i}"), 2.0))
+                    .await
+                    .expect("update");
+                match outcome {
+                    UpdateOutcome::Updated(_) => break,
+                    UpdateOutcome::Conflict => continue,
+                    UpdateOutcome::NotFound => panic!("the ticket exists"),
+                }
+            }
+            applied += 1;
+        }
+        applied
+    };
+    let orders = async {
+        let mut applied = 0;
+        for i in 0..5 {
+            let order = format!("order-{i}");
+            for m in [
+                created(&format!("{order}:created"), &order, t.id),
+                cancelled(&format!("{order}:cancelled"), &order, t.id),
+            ] {
+                let verdicts = apply(store, &[m]).await;
+                assert_eq!(outcomes(&verdicts), [Outcome::Applied]);
+                applied += 1;
+            }
+        }
+        applied
+    };
+    let (updated, reserved_or_released) = futures::join!(updates, orders);
+    let stored = store.get_ticket(t.id).await.expect("get").expect("exists");
+    assert_eq!(stored.version, updated + reserved_or_released);
+    assert_eq!(stored.order_id, None);
+    let versions: Vec<i64> = events_of(store, t.id)
+        .await
+        .iter()
+        .map(|e| e.version)
+        .collect();
+    assert_eq!(
+        versions,
+        (0..=stored.version).collect::<Vec<_>>(),
+        "one event per version"
+    );
 }

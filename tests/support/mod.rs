@@ -36,6 +36,7 @@ pub async fn spawn_app() -> TestApp {
         outbox: Some(Arc::new(store.clone())),
         nats: None,
         nats_required: false,
+        orders: None,
         redis: None,
         jobs: None,
         alert_threshold: 5,

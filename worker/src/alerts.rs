@@ -12,9 +12,10 @@
 //! carry stays queued, and the next one carries it too (merged, not one per missed period).
 
 use chrono::{DateTime, Utc};
-use common::EventId;
+use common::OutboxEvent;
 use common::display::human_age;
-use common::outbox::{Alert, AlertKind, Lease};
+use common::inbox::ParkedMessage;
+use common::outbox::{Alert, AlertAbout, AlertKind, Lease};
 use common::store::{AlertQueue, StoreError};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashSet};
@@ -74,25 +75,11 @@ impl Alerter {
     pub async fn send_pending(&self) -> Result<AlertRound, StoreError> {
         let mut round = AlertRound::default();
         let lease = Lease::new(&self.claimer, WEBHOOK_TIMEOUT * 3);
-        let firing = self
-            .alerts
-            .claim_alerts(AlertKind::Firing, DIGEST_MAX_EVENTS, &lease)
+        let firing_left = self
+            .digest_of(AlertKind::Firing, &lease, &mut round)
             .await?;
-        let firing_left = !firing.is_empty();
-        if firing_left {
-            if self.url.is_some()
-                && !self
-                    .alerts
-                    .take_digest_turn(AlertKind::Firing, self.period)
-                    .await?
-            {
-                // Not yet (or another sender's turn): they wait, merged into the next digest.
-                self.alerts.release_alerts(&ids(&firing), false).await?;
-                return Ok(round);
-            }
-            self.send(Digest::firing(&firing, Utc::now()), &firing, &mut round)
-                .await?;
-        }
+        self.digest_of(AlertKind::Parked, &lease, &mut round)
+            .await?;
         // The episode is over when no event that fired is left undelivered; its resolved
         // digest waits for the last firing one.
         if firing_left || self.alerts.alerted_events().await? > 0 {
@@ -111,6 +98,34 @@ impl Alerter {
             .await?;
         }
         Ok(round)
+    }
+
+    /// The digest of the queued alerts of `kind` (firing, parked) when it is this sender's turn
+    /// (at most one per period); otherwise they wait, merged into the next one. Whether any
+    /// was queued.
+    async fn digest_of(
+        &self,
+        kind: AlertKind,
+        lease: &Lease,
+        round: &mut AlertRound,
+    ) -> Result<bool, StoreError> {
+        let alerts = self
+            .alerts
+            .claim_alerts(kind, DIGEST_MAX_EVENTS, lease)
+            .await?;
+        if alerts.is_empty() {
+            return Ok(false);
+        }
+        if self.url.is_some() && !self.alerts.take_digest_turn(kind, self.period).await? {
+            self.alerts.release_alerts(&ids(&alerts), false).await?;
+            return Ok(true);
+        }
+        let digest = match kind {
+            AlertKind::Parked => Digest::parked(&alerts, Utc::now()),
+            _ => Digest::firing(&alerts, Utc::now()),
+        };
+        self.send(digest, &alerts, round).await?;
+        Ok(true)
     }
 
     /// Posts `digest`; its alerts are forgotten once it is posted, made due again otherwise.
@@ -167,67 +182,107 @@ fn ids(alerts: &[Alert]) -> Vec<String> {
     alerts.iter().map(|a| a.id.clone()).collect()
 }
 
-/// What a digest says, from the alert records it carries.
+/// What a digest says, from the alert records it carries (about outbox events for firing and
+/// resolved; about order messages the inbox parked for parked).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Digest {
     pub kind: AlertKind,
-    /// Events it tells of.
+    /// Events (or parked messages) it tells of.
     pub events: usize,
-    /// Distinct tickets of those events.
+    /// Distinct tickets of those.
     pub tickets: usize,
-    /// Firing: the creation of the oldest of them.
+    /// Firing: the creation of the oldest event; parked: the oldest message's receipt.
     pub oldest_created_at: Option<DateTime<Utc>>,
     /// Firing: the fewest failed attempts among them (the threshold they reached).
     pub attempts: i64,
-    /// Firing: the most common last errors, with how many events have each.
+    /// Firing: the most common last errors; parked: the most common reasons; with counts.
     pub errors: Vec<(String, usize)>,
-    /// A few of the events, to look at with `ticketing outbox show`.
-    pub samples: Vec<EventId>,
+    /// A few ids, to look at with `ticketing outbox show` (`ticketing inbox show` when parked).
+    pub samples: Vec<String>,
     /// Resolved: when the first of them fired.
     pub since: Option<DateTime<Utc>>,
     pub now: DateTime<Utc>,
 }
 
+/// The most common of `reasons`, with counts, most common first.
+fn most_common<'a>(reasons: impl Iterator<Item = &'a str>) -> Vec<(String, usize)> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in reasons {
+        *counts.entry(r).or_default() += 1;
+    }
+    let mut counts: Vec<(String, usize)> =
+        counts.into_iter().map(|(e, n)| (e.to_owned(), n)).collect();
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    counts.truncate(DIGEST_ERRORS);
+    counts
+}
+
 impl Digest {
     pub fn firing(alerts: &[Alert], now: DateTime<Utc>) -> Self {
-        let mut errors: BTreeMap<&str, usize> = BTreeMap::new();
-        for a in alerts {
-            *errors
-                .entry(a.event.last_error().unwrap_or("unknown"))
-                .or_default() += 1;
-        }
-        let mut errors: Vec<(String, usize)> =
-            errors.into_iter().map(|(e, n)| (e.to_owned(), n)).collect();
-        errors.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-        errors.truncate(DIGEST_ERRORS);
+        let events: Vec<&OutboxEvent> = alerts.iter().filter_map(Alert::event).collect();
         Self {
-            oldest_created_at: alerts.iter().map(|a| a.event.created_at).min(),
-            attempts: alerts.iter().map(|a| a.event.attempts).min().unwrap_or(0),
-            errors,
-            ..Self::of(AlertKind::Firing, alerts, now)
+            oldest_created_at: events.iter().map(|e| e.created_at).min(),
+            attempts: events.iter().map(|e| e.attempts).min().unwrap_or(0),
+            errors: most_common(events.iter().map(|e| e.last_error().unwrap_or("unknown"))),
+            ..Self::of_events(AlertKind::Firing, &events, now)
         }
     }
 
     pub fn resolved(alerts: &[Alert], now: DateTime<Utc>) -> Self {
+        let events: Vec<&OutboxEvent> = alerts.iter().filter_map(Alert::event).collect();
         Self {
-            since: alerts.iter().filter_map(|a| a.event.alerted_at).min(),
-            ..Self::of(AlertKind::Resolved, alerts, now)
+            since: events.iter().filter_map(|e| e.alerted_at).min(),
+            ..Self::of_events(AlertKind::Resolved, &events, now)
         }
     }
 
-    fn of(kind: AlertKind, alerts: &[Alert], now: DateTime<Utc>) -> Self {
-        let tickets: HashSet<_> = alerts.iter().map(|a| a.event.aggregate_id).collect();
+    /// Order messages the inbox parked.
+    pub fn parked(alerts: &[Alert], now: DateTime<Utc>) -> Self {
+        let messages: Vec<&ParkedMessage> = alerts
+            .iter()
+            .filter_map(|a| match &a.about {
+                AlertAbout::Message(m) => Some(m),
+                AlertAbout::Event(_) => None,
+            })
+            .collect();
+        let tickets: HashSet<_> = messages
+            .iter()
+            .filter_map(|m| m.ticket_id.as_ref())
+            .collect();
+        Self {
+            kind: AlertKind::Parked,
+            events: messages.len(),
+            tickets: tickets.len(),
+            oldest_created_at: messages.iter().map(|m| m.received_at).min(),
+            attempts: 0,
+            errors: most_common(
+                messages
+                    .iter()
+                    .map(|m| m.reason.as_deref().unwrap_or("unknown")),
+            ),
+            samples: messages
+                .iter()
+                .take(DIGEST_SAMPLES)
+                .map(|m| m.id.clone())
+                .collect(),
+            since: None,
+            now,
+        }
+    }
+
+    fn of_events(kind: AlertKind, events: &[&OutboxEvent], now: DateTime<Utc>) -> Self {
+        let tickets: HashSet<_> = events.iter().map(|e| e.aggregate_id).collect();
         Self {
             kind,
-            events: alerts.len(),
+            events: events.len(),
             tickets: tickets.len(),
             oldest_created_at: None,
             attempts: 0,
             errors: Vec::new(),
-            samples: alerts
+            samples: events
                 .iter()
                 .take(DIGEST_SAMPLES)
-                .map(|a| a.event.id)
+                .map(|e| e.id.to_string())
                 .collect(),
             since: None,
             now,
@@ -241,34 +296,60 @@ impl Digest {
     /// The webhook body: a Slack-compatible `text`, and the same facts as fields.
     pub fn body(&self) -> Value {
         let resolved = self.kind == AlertKind::Resolved;
+        let samples = if self.kind == AlertKind::Parked {
+            "sampleMessageIds"
+        } else {
+            "sampleEventIds"
+        };
         json!({
             "text": self.text(),
             "kind": self.kind.as_str(),
             "resolved": resolved,
             "events": self.events,
             "tickets": self.tickets,
-            "attempts": (!resolved).then_some(self.attempts),
+            "attempts": (self.kind == AlertKind::Firing).then_some(self.attempts),
             "oldestCreatedAt": self.oldest_created_at,
             "oldestAgeSeconds": self.seconds_since(self.oldest_created_at),
             "errors": self.errors.iter().map(|(e, n)| json!({"error": e, "events": n})).collect::<Vec<_>>(),
-            "sampleEventIds": self.samples,
+            samples: self.samples,
             "since": self.since,
             "durationSeconds": self.seconds_since(self.since),
         })
     }
 
+    fn errors_text(&self) -> String {
+        self.errors
+            .iter()
+            .map(|(e, n)| format!("{e} ({n})"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// ` Look at one: `show a` (also b, c); all of them: `all`.`
+    fn look(&self, show: &str, all: &str) -> String {
+        match self.samples.split_first() {
+            Some((first, [])) => format!(" Look at it: `{show} {first}`."),
+            Some((first, rest)) => format!(
+                " Look at one: `{show} {first}` (also {}); all of them: `{all}`.",
+                rest.join(", ")
+            ),
+            None => String::new(),
+        }
+    }
+
     pub fn text(&self) -> String {
-        let events = plural(self.events, "outbox event", "outbox events");
         let tickets = plural(self.tickets, "ticket", "tickets");
+        let age = |t: DateTime<Utc>| human_age((self.now - t).num_seconds());
         match self.kind {
             AlertKind::Resolved => {
+                let events = plural(self.events, "outbox event", "outbox events");
                 let since = self
                     .since
                     .map(|t| {
                         format!(
                             " since {} ({} ago)",
                             t.format("%Y-%m-%d %H:%M:%S UTC"),
-                            human_age((self.now - t).num_seconds())
+                            age(t)
                         )
                     })
                     .unwrap_or_default();
@@ -278,39 +359,30 @@ impl Digest {
                 )
             }
             AlertKind::Firing => {
+                let events = plural(self.events, "outbox event", "outbox events");
                 let oldest = self
                     .oldest_created_at
-                    .map(|t| {
-                        format!(
-                            "; the oldest was created {} ago",
-                            human_age((self.now - t).num_seconds())
-                        )
-                    })
+                    .map(|t| format!("; the oldest was created {} ago", age(t)))
                     .unwrap_or_default();
-                let errors = self
-                    .errors
-                    .iter()
-                    .map(|(e, n)| format!("{e} ({n})"))
-                    .collect::<Vec<_>>()
-                    .join("; ");
-                let look = match self.samples.split_first() {
-                    Some((first, [])) => {
-                        format!(" Look at it: `ticketing outbox show {first}`.")
-                    }
-                    Some((first, rest)) => format!(
-                        " Look at one: `ticketing outbox show {first}` (also {}); all of them: \
-                         `ticketing outbox list --stuck`.",
-                        rest.iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                    None => String::new(),
-                };
                 format!(
                     ":rotating_light: {events} (on {tickets}) failed to publish {} times or \
-                     more{oldest}. Most common errors: {errors}.{look}",
-                    self.attempts
+                     more{oldest}. Most common errors: {}.{}",
+                    self.attempts,
+                    self.errors_text(),
+                    self.look("ticketing outbox show", "ticketing outbox list --stuck")
+                )
+            }
+            AlertKind::Parked => {
+                let messages = plural(self.events, "order message", "order messages");
+                let oldest = self
+                    .oldest_created_at
+                    .map(|t| format!("; the oldest came {} ago", age(t)))
+                    .unwrap_or_default();
+                format!(
+                    ":warning: {messages} (on {tickets}) could not be applied and were parked{oldest}. \
+                     Most common reasons: {}.{} Apply one again with `ticketing inbox replay ID`.",
+                    self.errors_text(),
+                    self.look("ticketing inbox show", "ticketing inbox list")
                 )
             }
         }
@@ -381,7 +453,10 @@ mod tests {
             "4 outbox events (on 2 tickets) failed to publish 3 times or more",
             "the oldest was created 10m",
             "NATS is not connected (nats://h:4222) (3)",
-            &format!("ticketing outbox show {}", alerts[0].event.id),
+            &format!(
+                "ticketing outbox show {}",
+                alerts[0].event().expect("an event").id
+            ),
             "ticketing outbox list --stuck",
         ] {
             assert!(text.contains(part), "{part:?} in {text}");
@@ -395,7 +470,7 @@ mod tests {
         assert!(text.contains("1 outbox event (on 1 ticket)"), "{text}");
         assert!(text.contains(&format!(
             "Look at it: `ticketing outbox show {}`",
-            alert.event.id
+            alert.event().expect("an event").id
         )));
     }
 
@@ -410,7 +485,7 @@ mod tests {
             .collect();
         let first = alerts
             .iter()
-            .filter_map(|a| a.event.alerted_at)
+            .filter_map(|a| a.event().and_then(|e| e.alerted_at))
             .min()
             .expect("fired");
         let d = Digest::resolved(&alerts, first + chrono::Duration::seconds(125));
@@ -424,5 +499,50 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("(2m 05s ago)"), "{text}");
+    }
+
+    fn parked(id: &str, ticket: Option<&str>, reason: &str, age_secs: i64) -> Alert {
+        let message = ParkedMessage {
+            id: id.into(),
+            subject: "order.created".into(),
+            stream: "ORDERS".into(),
+            sequence: 1,
+            order_id: Some("order-1".into()),
+            ticket_id: ticket.map(Into::into),
+            outcome: common::inbox::Outcome::Parked,
+            reason: Some(reason.into()),
+            deliveries: 5,
+            received_at: Utc::now() - chrono::Duration::seconds(age_secs),
+        };
+        Alert::about_message(AlertKind::Parked, message, Utc::now())
+    }
+
+    #[test]
+    fn a_parked_digest_counts_messages_and_reasons_and_names_message_ids() {
+        let alerts = vec![
+            parked("order-1:created", Some("t1"), "unknown ticket t1", 30),
+            parked("order-2:created", Some("t1"), "unknown ticket t1", 400),
+            parked("ORDERS:17", None, "malformed payload: expected value", 5),
+        ];
+        let d = Digest::parked(&alerts, Utc::now());
+        assert_eq!((d.events, d.tickets), (3, 1));
+        assert_eq!(d.errors[0], ("unknown ticket t1".to_owned(), 2));
+        let body = d.body();
+        assert_eq!(body["kind"], "parked");
+        assert_eq!(body["resolved"], false);
+        assert_eq!(body["attempts"], Value::Null);
+        assert_eq!(body["sampleMessageIds"][0], "order-1:created");
+        assert!(body.get("sampleEventIds").is_none());
+        assert!(body["oldestAgeSeconds"].as_i64().is_some_and(|s| s >= 400));
+        let text = body["text"].as_str().expect("text");
+        for part in [
+            "3 order messages (on 1 ticket) could not be applied and were parked",
+            "the oldest came 6m",
+            "unknown ticket t1 (2)",
+            "ticketing inbox show order-1:created",
+            "ticketing inbox replay ID",
+        ] {
+            assert!(text.contains(part), "{part:?} in {text}");
+        }
     }
 }

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use rules::{Alert, AlertKind, FailedAttempt};
+pub use rules::{Alert, AlertAbout, AlertKind, FailedAttempt};
 
 /// A claim on events: who holds them and until when.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,6 +6,7 @@
 use crate::domain::{
     AttemptOutcome, EventId, FAILURES_KEPT, Failure, OutboxEvent, Subject, Ticket,
 };
+use crate::inbox::ParkedMessage;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -146,6 +147,8 @@ pub enum AlertKind {
     Firing,
     /// An event that had alerted was delivered.
     Resolved,
+    /// An order message was parked by the inbox (`crate::inbox::parked_alert`).
+    Parked,
 }
 
 impl AlertKind {
@@ -153,6 +156,7 @@ impl AlertKind {
         match self {
             AlertKind::Firing => "firing",
             AlertKind::Resolved => "resolved",
+            AlertKind::Parked => "parked",
         }
     }
 
@@ -160,6 +164,7 @@ impl AlertKind {
         match s {
             "firing" => Some(AlertKind::Firing),
             "resolved" => Some(AlertKind::Resolved),
+            "parked" => Some(AlertKind::Parked),
             _ => None,
         }
     }
@@ -176,21 +181,42 @@ impl fmt::Display for AlertKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Alert {
-    /// [`Alert::id_of`]: queueing the same alert twice is a no-op.
+    /// [`Alert::id_of`] (or `inbox:{messageId}:parked`): queueing the same alert twice is a no-op.
     pub id: String,
     pub kind: AlertKind,
-    /// The event as it was when the alert was queued.
-    pub event: OutboxEvent,
+    /// What the alert is about, as it was when the alert was queued.
+    pub about: AlertAbout,
     pub created_at: DateTime<Utc>,
     pub attempts: i64,
 }
 
+/// What an alert is about: an outbox event (`firing`, `resolved`) or a parked inbox message
+/// (`parked`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AlertAbout {
+    Event(OutboxEvent),
+    Message(ParkedMessage),
+}
+
 impl Alert {
+    /// An alert about an outbox event.
     pub fn new(kind: AlertKind, event: OutboxEvent, now: DateTime<Utc>) -> Self {
         Self {
             id: Self::id_of(event.id, kind),
             kind,
-            event,
+            about: AlertAbout::Event(event),
+            created_at: now,
+            attempts: 0,
+        }
+    }
+
+    /// An alert about an inbox message: `inbox:{messageId}:{kind}`.
+    pub fn about_message(kind: AlertKind, message: ParkedMessage, now: DateTime<Utc>) -> Self {
+        Self {
+            id: format!("inbox:{}:{kind}", message.id),
+            kind,
+            about: AlertAbout::Message(message),
             created_at: now,
             attempts: 0,
         }
@@ -199,6 +225,14 @@ impl Alert {
     /// `{eventId}:{kind}`: one alert of each kind per event.
     pub fn id_of(event: EventId, kind: AlertKind) -> String {
         format!("{event}:{kind}")
+    }
+
+    /// The outbox event the alert is about, if it is about one.
+    pub fn event(&self) -> Option<&OutboxEvent> {
+        match &self.about {
+            AlertAbout::Event(e) => Some(e),
+            AlertAbout::Message(_) => None,
+        }
     }
 }
 
@@ -346,11 +380,12 @@ mod tests {
         let alert = &fired[0];
         assert_eq!(alert.kind, AlertKind::Firing);
         assert_eq!(alert.id, format!("{}:firing", e.id));
+        let fired_event = alert.event().expect("about the event");
         assert_eq!(
-            alert.event.attempts, 3,
+            fired_event.attempts, 3,
             "the event as it stood when it fired"
         );
-        assert_eq!(alert.event.last_error(), Some("error 2"));
+        assert_eq!(fired_event.last_error(), Some("error 2"));
         assert_eq!(e.alerted_at, Some(alert.created_at));
         // A threshold already passed alerts at the next failure of an event that never alerted.
         let mut late = event();
@@ -370,7 +405,7 @@ mod tests {
 
     #[test]
     fn alert_kinds_are_spelled_and_read_one_way() {
-        for kind in [AlertKind::Firing, AlertKind::Resolved] {
+        for kind in [AlertKind::Firing, AlertKind::Resolved, AlertKind::Parked] {
             assert_eq!(AlertKind::parse(kind.as_str()), Some(kind));
             assert_eq!(
                 serde_json::to_value(kind).expect("json"),

@@ -12,10 +12,14 @@
 //! | [`ChangeSource`] | the adapters' own change feeds ([`feed::Tail`]) | `changes`, `load_position`, `save_position` |
 //! | [`AlertQueue`] | the webhook sender | `claim_alerts`, `delete_alerts`, `release_alerts`, `alerted_events`, `take_digest_turn` |
 //! | [`OutboxAdmin`] | operators, the gauges | `outbox_stats`, `get_event`, `list_events`, `unlock_events` |
+//! | [`Inbox`] | the orders consumer | `apply_messages` |
+//! | [`ParkedMessages`] | operators (`ticketing inbox`), the parked gauge | `list_parked`, `count_parked`, `get_message`, `replay_parked`, `drop_parked` |
+//! | [`InboxRetention`] | the orders consumer's retention sweep | `expire_inbox` |
 //!
 //! Every method is one atomic step; loops live in the callers.
 
 use crate::domain::{EventId, NewTicket, OutboxEvent, Ticket, TicketChanges, TicketId};
+use crate::inbox::{InboxMessage, InboxRecord, RetryPolicy, Verdict};
 use crate::outbox::{Alert, AlertKind, Claimer, FailedAttempt, Lease};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -215,14 +219,71 @@ pub trait OutboxAdmin: Send + Sync + 'static {
     async fn unlock_events(&self, ids: &[EventId]) -> Result<u64, StoreError>;
 }
 
+/// Order messages in, applied exactly once ([`crate::inbox`]).
+#[async_trait::async_trait]
+pub trait Inbox: Send + Sync + 'static {
+    /// Applies a batch in ONE transaction: reads what [`crate::inbox::Batch::reads`] asks for,
+    /// and stores what [`crate::inbox::Batch::plan`] returns (each ticket change with its
+    /// `ticket.updated` event, [`crate::outbox::rules::fresh_event`] of the stored row; the
+    /// inbox records; the alerts of parked messages), or nothing. One verdict per message, in
+    /// order; the consumer acks only after this returns.
+    async fn apply_messages(
+        &self,
+        messages: &[InboxMessage],
+        policy: &RetryPolicy,
+    ) -> Result<Vec<Verdict>, StoreError>;
+}
+
+/// Parked messages: what operators (`ticketing inbox`) and the parked gauge see and do.
+#[async_trait::async_trait]
+pub trait ParkedMessages: Send + Sync + 'static {
+    /// Oldest first.
+    async fn list_parked(&self, limit: usize) -> Result<Vec<InboxRecord>, StoreError>;
+    async fn count_parked(&self) -> Result<u64, StoreError>;
+    /// Any inbox record, parked or not.
+    async fn get_message(&self, id: &str) -> Result<Option<InboxRecord>, StoreError>;
+    /// Applies a parked message again now, in one transaction ([`RetryPolicy::PARK_AT_ONCE`]:
+    /// parked again, without a new alert, if it still cannot be applied). `None` when no
+    /// parked message has this id.
+    async fn replay_parked(&self, id: &str) -> Result<Option<Verdict>, StoreError>;
+    /// Forgets a parked message; the record it was, if there was one.
+    async fn drop_parked(&self, id: &str) -> Result<Option<InboxRecord>, StoreError>;
+}
+
+/// The inbox's retention.
+#[async_trait::async_trait]
+pub trait InboxRetention: Send + Sync + 'static {
+    /// Deletes up to `limit` settled records done before `before` (an indexed range; parked
+    /// messages never); returns how many.
+    async fn expire_inbox(&self, before: DateTime<Utc>, limit: usize) -> Result<u64, StoreError>;
+}
+
 /// A whole store: every capability. What opening one returns; each part of a role is then given
 /// the capability it needs.
 pub trait Store:
-    Health + Tickets + FreshEvents + Outbox + ChangeSource + AlertQueue + OutboxAdmin
+    Health
+    + Tickets
+    + FreshEvents
+    + Outbox
+    + ChangeSource
+    + AlertQueue
+    + OutboxAdmin
+    + Inbox
+    + ParkedMessages
+    + InboxRetention
 {
 }
 
 impl<T> Store for T where
-    T: Health + Tickets + FreshEvents + Outbox + ChangeSource + AlertQueue + OutboxAdmin
+    T: Health
+        + Tickets
+        + FreshEvents
+        + Outbox
+        + ChangeSource
+        + AlertQueue
+        + OutboxAdmin
+        + Inbox
+        + ParkedMessages
+        + InboxRetention
 {
 }

@@ -4,11 +4,16 @@
 //!
 //! - `tickets` `{_id: ObjectId, title, price: double, userId, version: long, orderId?}`
 //! - `events` `{_id: ObjectId, subject, data: {..the ticket JSON..}, aggregateId: ObjectId,
-//!   version, isLocked, lockedUntil: date, lockedBy: string|null, failures: [{at, error}],
-//!   attempts, createdAt: date, alertedAt: date|null}`
+//!   version, isLocked, lockedUntil: date, lockedBy: string|null, failures: [{at, error,
+//!   outcome}], attempts, createdAt: date, alertedAt: date|null, unknownSince: date|null}`
 //! - `alerts` `{_id: "{eventId}:{kind}", kind, event: {..an events document..}, createdAt,
-//!   attempts, lockedUntil, lockedBy}`
+//!   attempts, lockedUntil, lockedBy}`; a parked message's: `{_id: "inbox:{messageId}:parked",
+//!   kind: "parked", message: {..its snapshot..}, ...}`
 //! - `feed_positions` `{_id: "change-feed", position: string}`
+//! - `inbox` `{_id: messageId, subject, stream, sequence: long, orderId: string|null, ticketId:
+//!   ObjectId|null, outcome, reason: string|null, deliveries: long, payload: binary, receivedAt:
+//!   date, doneAt: date|null}`
+//! - `alert_digests` `{_id: kind, sentAt: date}`
 //!
 //! Writes of `lockedUntil` are update pipelines that take the time from the server (`$$NOW`):
 //! a lease is measured on one clock, the primary's, whatever the pods' clocks say. Every other
@@ -18,7 +23,8 @@
 use crate::domain::{
     AttemptOutcome, EventId, Failure, OutboxEvent, Payload, Subject, Ticket, TicketId,
 };
-use crate::outbox::{Alert, AlertKind};
+use crate::inbox::{InboxRecord, Outcome};
+use crate::outbox::{Alert, AlertAbout, AlertKind};
 use crate::store::StoreError;
 use bson::oid::ObjectId;
 use bson::{Bson, Document, doc};
@@ -251,18 +257,25 @@ pub(super) fn event_from_doc(d: &Document) -> Result<OutboxEvent, StoreError> {
     })
 }
 
-/// A new alert's document: due at once, held by nobody.
+/// A new alert's document: due at once, held by nobody. What it is about is `event` (an events
+/// document) or, for `parked`, `message` (the parked message's snapshot).
 pub(super) fn alert_doc(a: &Alert) -> Document {
     let created = to_bson_date(a.created_at);
-    doc! {
-        "_id": &a.id,
-        "kind": a.kind.as_str(),
-        "event": event_doc(&a.event),
+    let mut d = doc! {"_id": &a.id, "kind": a.kind.as_str()};
+    match &a.about {
+        AlertAbout::Event(e) => d.insert("event", event_doc(e)),
+        AlertAbout::Message(m) => d.insert(
+            "message",
+            json_to_bson(&serde_json::to_value(m).unwrap_or_default()),
+        ),
+    };
+    d.extend(doc! {
         "createdAt": created,
         "attempts": a.attempts,
         "lockedUntil": created,
         "lockedBy": Bson::Null,
-    }
+    });
+    d
 }
 
 /// The upsert (filter, pipeline) that queues an alert, due at the server's now, unless one with
@@ -288,10 +301,21 @@ pub(super) fn alert_from_doc(d: &Document) -> Result<Alert, StoreError> {
     let kind = f.str("kind")?;
     let kind =
         AlertKind::parse(kind).ok_or_else(|| f.bad("kind", &format!("is unknown: {kind:?}")))?;
+    let about = match kind {
+        AlertKind::Parked => {
+            let message = bson_to_json(&Bson::Document(f.doc("message")?.clone()));
+            AlertAbout::Message(
+                serde_json::from_value(message).map_err(|e| f.bad("message", &e.to_string()))?,
+            )
+        }
+        AlertKind::Firing | AlertKind::Resolved => {
+            AlertAbout::Event(event_from_doc(f.doc("event")?)?)
+        }
+    };
     Ok(Alert {
         id: f.str("_id")?.to_owned(),
         kind,
-        event: event_from_doc(f.doc("event")?)?,
+        about,
         created_at: f.date("createdAt")?,
         attempts: f.i64("attempts")?,
     })
@@ -375,6 +399,59 @@ pub(super) fn alert_release_pipeline(attempted: bool) -> Vec<Document> {
         "lockedBy": literal(Bson::Null),
         "lockedUntil": "$$NOW",
     }}]
+}
+
+/// An inbox record's document; `doneAt` is null while it is parked.
+pub(super) fn inbox_doc(r: &InboxRecord) -> Document {
+    let opt_str = |v: &Option<String>| v.clone().map_or(Bson::Null, Bson::String);
+    doc! {
+        "_id": &r.id,
+        "subject": &r.subject,
+        "stream": &r.stream,
+        "sequence": i64::try_from(r.sequence).unwrap_or(i64::MAX),
+        "orderId": opt_str(&r.order_id),
+        "ticketId": r.ticket_id.map_or(Bson::Null, |t| Bson::ObjectId(t.object_id())),
+        "outcome": r.outcome.as_str(),
+        "reason": opt_str(&r.reason),
+        "deliveries": r.deliveries,
+        "payload": bson::Binary {
+            subtype: bson::spec::BinarySubtype::Generic,
+            bytes: r.payload.clone(),
+        },
+        "receivedAt": to_bson_date(r.received_at),
+        "doneAt": r.done_at.map_or(Bson::Null, |t| Bson::DateTime(to_bson_date(t))),
+    }
+}
+
+pub(super) fn inbox_from_doc(d: &Document) -> Result<InboxRecord, StoreError> {
+    let f = Fields::new("inbox", d);
+    let outcome = f.str("outcome")?;
+    let ticket_id = match f.opt("ticketId") {
+        None => None,
+        Some(Bson::ObjectId(id)) => Some(TicketId::from_object_id(*id)),
+        Some(_) => return Err(f.bad("ticketId", "is not an ObjectId")),
+    };
+    let payload = match f.get("payload")? {
+        Bson::Binary(b) => b.bytes.clone(),
+        Bson::String(s) => s.clone().into_bytes(),
+        _ => return Err(f.bad("payload", "is not binary")),
+    };
+    Ok(InboxRecord {
+        id: f.str("_id")?.to_owned(),
+        subject: f.str("subject")?.to_owned(),
+        stream: f.str("stream")?.to_owned(),
+        sequence: u64::try_from(f.i64("sequence")?)
+            .map_err(|_| f.bad("sequence", "is negative"))?,
+        order_id: f.opt_str("orderId")?,
+        ticket_id,
+        outcome: Outcome::parse(outcome)
+            .ok_or_else(|| f.bad("outcome", &format!("is unknown: {outcome:?}")))?,
+        reason: f.opt_str("reason")?,
+        deliveries: f.i64("deliveries")?,
+        payload,
+        received_at: f.date("receivedAt")?,
+        done_at: f.opt_date("doneAt")?,
+    })
 }
 
 /// JSON to BSON, explicitly: integers stay integers (Int64), other numbers are doubles, so the
@@ -516,6 +593,43 @@ mod tests {
         assert_eq!(d.get_str("_id").expect("id"), a.id);
         assert_eq!(d.get("lockedUntil"), d.get("createdAt"));
         assert_eq!(alert_from_doc(&d).expect("parse"), a);
+    }
+
+    #[test]
+    fn parked_alerts_and_inbox_records_round_trip() {
+        let record = InboxRecord {
+            id: "order-1:created".into(),
+            subject: "order.created".into(),
+            stream: "orders".into(),
+            sequence: 7,
+            order_id: Some("order-1".into()),
+            ticket_id: Some(TicketId::new()),
+            outcome: Outcome::Parked,
+            reason: Some("unknown ticket".into()),
+            deliveries: 5,
+            payload: vec![0xff, b'{'],
+            received_at: now(),
+            done_at: None,
+        };
+        let d = inbox_doc(&record);
+        assert_eq!(d.get("doneAt"), Some(&Bson::Null));
+        assert_eq!(inbox_from_doc(&d).expect("parse"), record);
+        let applied = InboxRecord {
+            outcome: Outcome::Applied,
+            order_id: None,
+            ticket_id: None,
+            reason: None,
+            done_at: Some(now()),
+            ..record.clone()
+        };
+        assert_eq!(
+            inbox_from_doc(&inbox_doc(&applied)).expect("parse"),
+            applied
+        );
+        let alert = crate::inbox::parked_alert(&record, now());
+        let d = alert_doc(&alert);
+        assert!(d.contains_key("message") && !d.contains_key("event"));
+        assert_eq!(alert_from_doc(&d).expect("parse"), alert);
     }
 
     #[test]

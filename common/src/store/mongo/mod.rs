@@ -6,7 +6,8 @@
 //! and when to retry, `connect` for what a deployment is, `codec` for documents).
 //!
 //! By capability: `tickets`, `outbox` (claims, outcomes, alerts), `feed` (where this store
-//! picks its change feed: a change stream), `admin`; `txn` runs transactions.
+//! picks its change feed: a change stream), `admin`, `inbox` (order messages in: a batch is one
+//! transaction); `txn` runs transactions.
 //!
 //! Times are stored as BSON dates, which hold milliseconds: every time this adapter writes or
 //! compares is to the millisecond (`outbox::rules::now`), so what it returns equals what it
@@ -45,6 +46,7 @@ mod codec;
 mod connect;
 mod errors;
 mod feed;
+mod inbox;
 mod outbox;
 mod tickets;
 mod txn;
@@ -83,6 +85,7 @@ pub struct MongoStore {
     /// `{_id: kind, sentAt}`: when the last digest of each kind was posted.
     alert_digests: Collection<Document>,
     feed_positions: Collection<Document>,
+    inbox: Collection<Document>,
     options: MongoOptions,
 }
 
@@ -135,6 +138,7 @@ impl MongoStore {
             alerts: db.collection("alerts"),
             alert_digests: db.collection("alert_digests"),
             feed_positions: db.collection("feed_positions"),
+            inbox: db.collection("inbox"),
             client,
             db,
             options,
@@ -216,6 +220,33 @@ impl MongoStore {
                     "alerts_due_by_kind",
                     doc! {"kind": 1, "lockedUntil": 1},
                     false,
+                ),
+            ])
+            .await
+            .map_err(err)?;
+        // The inbox's `_id` is the message's identity (unique by itself). Partial indexes, as
+        // for the events: the retention sweep's range holds settled records only (`doneAt` is
+        // null while parked), the parked list holds parked ones only, and the cancelled-orders
+        // lookup only applied `order.cancelled` records.
+        self.inbox
+            .create_indexes([
+                model(
+                    "inbox_done",
+                    doc! {"doneAt": 1},
+                    false,
+                    Some(doc! {"doneAt": {"$type": "date"}}),
+                ),
+                model(
+                    "inbox_parked",
+                    doc! {"receivedAt": 1, "_id": 1},
+                    false,
+                    Some(doc! {"outcome": "parked"}),
+                ),
+                model(
+                    "inbox_cancelled",
+                    doc! {"orderId": 1},
+                    false,
+                    Some(doc! {"subject": "order.cancelled", "doneAt": {"$type": "date"}}),
                 ),
             ])
             .await

@@ -2,7 +2,8 @@
 //! failures and alert snapshots as JSON text.
 
 use crate::domain::{EventId, OutboxEvent, Payload, Subject, Ticket, TicketId};
-use crate::outbox::{Alert, AlertKind};
+use crate::inbox::{InboxRecord, Outcome};
+use crate::outbox::{Alert, AlertAbout, AlertKind};
 use crate::store::BoxError;
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, Row, params};
@@ -84,15 +85,21 @@ pub(super) fn event_from_row(row: &Row) -> rusqlite::Result<OutboxEvent> {
     })
 }
 
-/// A row of `id, kind, event, created_at, attempts` of `alerts`.
+/// A row of `id, kind, event, created_at, attempts` of `alerts`. `event` holds the snapshot of
+/// what the alert is about: the outbox event, or the parked message for `parked`.
 pub(super) fn alert_from_row(row: &Row) -> rusqlite::Result<Alert> {
     let kind: String = row.get(1)?;
     let created_at: String = row.get(3)?;
+    let kind = AlertKind::parse(&kind)
+        .ok_or_else(|| conversion_error(1, format!("unknown alert kind {kind:?}")))?;
+    let about = match kind {
+        AlertKind::Parked => AlertAbout::Message(json_col(row, 2)?),
+        AlertKind::Firing | AlertKind::Resolved => AlertAbout::Event(json_col(row, 2)?),
+    };
     Ok(Alert {
         id: row.get(0)?,
-        kind: AlertKind::parse(&kind)
-            .ok_or_else(|| conversion_error(1, format!("unknown alert kind {kind:?}")))?,
-        event: json_col(row, 2)?,
+        kind,
+        about,
         created_at: parse_ts(3, &created_at)?,
         attempts: row.get(4)?,
     })
@@ -135,6 +142,55 @@ pub(super) fn select_event(
     .optional()
 }
 
+/// A row of `inbox_cols!()`.
+pub(super) fn inbox_from_row(row: &Row) -> rusqlite::Result<InboxRecord> {
+    let sequence: i64 = row.get(3)?;
+    let ticket: Option<String> = row.get(5)?;
+    let outcome: String = row.get(6)?;
+    let received_at: String = row.get(10)?;
+    let done_at: Option<String> = row.get(11)?;
+    Ok(InboxRecord {
+        id: row.get(0)?,
+        subject: row.get(1)?,
+        stream: row.get(2)?,
+        sequence: u64::try_from(sequence).map_err(|e| conversion_error(3, e))?,
+        order_id: row.get(4)?,
+        ticket_id: ticket
+            .map(|t| parse_oid(5, &t, TicketId::parse))
+            .transpose()?,
+        outcome: Outcome::parse(&outcome)
+            .ok_or_else(|| conversion_error(6, format!("unknown outcome {outcome:?}")))?,
+        reason: row.get(7)?,
+        deliveries: row.get(8)?,
+        payload: row.get(9)?,
+        received_at: parse_ts(10, &received_at)?,
+        done_at: done_at.map(|s| parse_ts(11, &s)).transpose()?,
+    })
+}
+
+pub(super) fn insert_inbox_record(conn: &Connection, r: &InboxRecord) -> rusqlite::Result<()> {
+    conn.prepare_cached(concat!(
+        "INSERT INTO inbox (",
+        inbox_cols!(),
+        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
+    ))?
+    .execute(params![
+        r.id,
+        r.subject,
+        r.stream,
+        i64::try_from(r.sequence).unwrap_or(i64::MAX),
+        r.order_id,
+        r.ticket_id.map(|t| t.to_hex()),
+        r.outcome.as_str(),
+        r.reason,
+        r.deliveries,
+        r.payload,
+        ts(r.received_at),
+        r.done_at.map(ts),
+    ])?;
+    Ok(())
+}
+
 /// Queues an alert unless one with its id is queued already.
 pub(super) fn queue_alert(conn: &Connection, alert: &Alert) -> rusqlite::Result<()> {
     conn.execute(
@@ -143,7 +199,10 @@ pub(super) fn queue_alert(conn: &Connection, alert: &Alert) -> rusqlite::Result<
         params![
             alert.id,
             alert.kind.as_str(),
-            to_json(&alert.event)?,
+            match &alert.about {
+                AlertAbout::Event(e) => to_json(e)?,
+                AlertAbout::Message(m) => to_json(m)?,
+            },
             ts(alert.created_at)
         ],
     )?;

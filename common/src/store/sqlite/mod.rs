@@ -5,7 +5,8 @@
 //! `ticketing worker`) waits on `busy_timeout`.
 //!
 //! By capability: `tickets`, `outbox` (claims, outcomes, alerts), `feed` (where this store
-//! picks its change feed), `admin`; rows are read and written by `codec`.
+//! picks its change feed), `admin`, `inbox` (order messages in); rows are read and written by
+//! `codec`.
 
 use crate::store::{Health, StoreError};
 use rusqlite::{Connection, TransactionBehavior};
@@ -30,10 +31,18 @@ macro_rules! ticket_cols {
         "id, title, price, user_id, version, order_id"
     };
 }
+/// The columns of an inbox row, in `codec::inbox_from_row`'s order.
+macro_rules! inbox_cols {
+    () => {
+        "id, subject, stream, sequence, order_id, ticket_id, outcome, reason, deliveries, \
+         payload, received_at, done_at"
+    };
+}
 
 mod admin;
 mod codec;
 mod feed;
+mod inbox;
 mod outbox;
 mod tickets;
 mod writer;
@@ -44,6 +53,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../../migrations/0003_events_failing.sql"),
     include_str!("../../../migrations/0004_events_unknown_since.sql"),
     include_str!("../../../migrations/0005_alert_digests.sql"),
+    include_str!("../../../migrations/0006_inbox.sql"),
 ];
 const MAX_IDLE_READERS: usize = 8;
 

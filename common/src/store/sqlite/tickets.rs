@@ -11,7 +11,7 @@ use std::time::Duration;
 
 /// Writes the event of a ticket write, claimed by the feed in this process when `claim` is its
 /// lease token (see `writer`), fresh otherwise.
-fn write_event(
+pub(super) fn write_event(
     conn: &Connection,
     fresh_lock: Duration,
     claim: Option<&str>,

@@ -120,21 +120,18 @@ where
     }
 }
 
-/// A ticket write that also writes its outbox event: the closure gets the lease to insert the
-/// event under when the local feed can take it, and returns the event it wrote.
+/// A ticket write that also writes its outbox events: the closure gets the lease to insert the
+/// events under when the local feed can take them, and returns the events it wrote (one for a
+/// ticket write, `Option`; those of a batch of order messages, `Vec`).
 struct EventWrite<T, F> {
     inner: Pending<T, F>,
 }
 
-impl<T, F> Job for EventWrite<T, F>
+impl<T, E, F> Job for EventWrite<T, F>
 where
     T: Send,
-    F: FnMut(
-            &Connection,
-            &SqliteOptions,
-            Option<&str>,
-        ) -> rusqlite::Result<(T, Option<OutboxEvent>)>
-        + Send,
+    E: IntoIterator<Item = OutboxEvent>,
+    F: FnMut(&Connection, &SqliteOptions, Option<&str>) -> rusqlite::Result<(T, E)> + Send,
 {
     fn durability(&self) -> Durability {
         self.inner.durability
@@ -149,11 +146,13 @@ where
         let write = &mut self.inner.write;
         let token = events.claim_token().map(str::to_owned);
         let result = guarded(self.inner.op, || write(conn, options, token.as_deref()));
-        let result = result.map(|(value, event)| {
-            match event {
-                Some(e) if e.locked_by.is_some() && e.locked_by == token => events.handed.push(e),
-                Some(_) => events.fresh = true,
-                None => {}
+        let result = result.map(|(value, written)| {
+            for e in written {
+                if e.locked_by.is_some() && e.locked_by == token {
+                    events.handed.push(e);
+                } else {
+                    events.fresh = true;
+                }
             }
             value
         });
@@ -291,19 +290,16 @@ impl Writer {
         self.queue_and_wait(op, job, answer).await
     }
 
-    /// Queues a durable write that writes an outbox event (see [`EventWrite`]).
-    pub(super) async fn submit_event_write<T, F>(
+    /// Queues a durable write that writes outbox events (see [`EventWrite`]).
+    pub(super) async fn submit_event_write<T, E, F>(
         &self,
         op: &'static str,
         write: F,
     ) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnMut(
-                &Connection,
-                &SqliteOptions,
-                Option<&str>,
-            ) -> rusqlite::Result<(T, Option<OutboxEvent>)>
+        E: IntoIterator<Item = OutboxEvent> + 'static,
+        F: FnMut(&Connection, &SqliteOptions, Option<&str>) -> rusqlite::Result<(T, E)>
             + Send
             + 'static,
     {
