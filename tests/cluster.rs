@@ -190,6 +190,7 @@ async fn a_three_replica_stream_loses_nothing_while_its_servers_die() {
             ("NATS_ACK_TIMEOUT_SECS", "2".to_owned()),
             ("RETRY_SCHEDULE", "* * * * * *".to_owned()),
             ("ALERT_THRESHOLD", "3".to_owned()),
+            ("ALERT_DIGEST_SECS", "1".to_owned()),
             ("ALERT_WEBHOOK_URL", webhook.url()),
             ("PORT", port.to_string()),
         ],
@@ -321,22 +322,25 @@ async fn a_three_replica_stream_loses_nothing_while_its_servers_die() {
         .flat_map(|(id, vs)| vs.into_iter().map(move |v| (id.clone(), v)))
         .collect();
     assert_eq!(stored, written, "every event written is in the stream");
-    // Alerts as usual: an event that failed 3 times alerted once, and once more when delivered.
-    eventually(LONG, "a resolved alert for each firing one", || async {
-        let bodies = webhook.bodies();
-        let of = |resolved: bool| -> Vec<String> {
-            let mut ids: Vec<String> = bodies
-                .iter()
-                .filter(|b| b["resolved"] == json!(resolved))
-                .map(|b| b["event"]["id"].as_str().unwrap_or("").to_owned())
-                .collect();
-            ids.sort();
-            ids
-        };
-        let (firing, resolved) = (of(false), of(true));
-        let once = firing.windows(2).all(|w| w[0] != w[1]);
-        (firing == resolved && once).then_some(())
-    })
+    // Alerts as usual, in digests: every event that failed 3 times is told once in a firing
+    // digest, and once more in a resolved one when the outage is over.
+    eventually(
+        LONG,
+        "a resolved digest for every event that fired",
+        || async {
+            let bodies = webhook.bodies();
+            let events = |kind: &str| -> u64 {
+                bodies
+                    .iter()
+                    .filter(|b| b["kind"] == kind)
+                    .filter_map(|b| b["events"].as_u64())
+                    .sum()
+            };
+            let (firing, resolved) = (events("firing"), events("resolved"));
+            (firing == resolved && bodies.last().is_none_or(|b| b["kind"] == "resolved"))
+                .then_some(())
+        },
+    )
     .await;
     let total = messages.len() as u64;
     eventually(

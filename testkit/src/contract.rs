@@ -116,6 +116,20 @@ fn expired_lease(who: &str) -> Lease {
     l
 }
 
+/// Creates `n` tickets (`t0`, `t1`, ...) in an empty store and returns their (fresh) events,
+/// as `list_events` lists them.
+async fn seed_events(store: &dyn Store, n: usize) -> Vec<common::OutboxEvent> {
+    for i in 0..n {
+        store
+            .create_ticket(&new_ticket(&format!("t{i}"), 1.0, "u"))
+            .await
+            .expect("create");
+    }
+    let events = store.list_events(n + 1, None).await.expect("list");
+    assert_eq!(events.len(), n, "an empty store to start from");
+    events
+}
+
 /// Creates one ticket in an empty store and returns the id of its (fresh) event.
 async fn one_event(store: &dyn Store) -> EventId {
     store
@@ -239,13 +253,7 @@ pub async fn fresh_event_is_claimed_once(store: &dyn Store) {
 }
 
 pub async fn sweep_claims_only_unlocked_or_expired(store: &dyn Store) {
-    for i in 0..3 {
-        store
-            .create_ticket(&new_ticket(&format!("t{i}"), 1.0, "u"))
-            .await
-            .expect("create");
-    }
-    let events = store.list_events(10, None).await.expect("list");
+    let events = seed_events(store, 3).await;
     // Fresh events are reserved for the change feed: nothing is due.
     assert!(
         store
@@ -434,16 +442,7 @@ pub async fn pending_versions_lists_the_outbox_per_ticket(store: &dyn Store) {
 pub async fn change_feed_sees_commits_in_order(store: &dyn Store) {
     let start = store.load_position().await.expect("load");
     let mut feed = store.changes(start).await.expect("feed");
-    let mut created = Vec::new();
-    for i in 0..3 {
-        store
-            .create_ticket(&new_ticket(&format!("t{i}"), 1.0, "u"))
-            .await
-            .expect("create");
-    }
-    for e in store.list_events(10, None).await.expect("list") {
-        created.push(e.id);
-    }
+    let created: Vec<EventId> = seed_events(store, 3).await.iter().map(|e| e.id).collect();
     let mut seen = Vec::new();
     let mut last = None;
     while seen.len() < 3 {
@@ -487,19 +486,7 @@ pub async fn fresh_events_are_handed_out_claimed_in_commit_order(store: &dyn Sto
         .subscribe(&claimer, stop.clone())
         .await
         .expect("subscribe");
-    for i in 0..3 {
-        store
-            .create_ticket(&new_ticket(&format!("t{i}"), 1.0, "u"))
-            .await
-            .expect("create");
-    }
-    let created: Vec<EventId> = store
-        .list_events(10, None)
-        .await
-        .expect("list")
-        .iter()
-        .map(|e| e.id)
-        .collect();
+    let created: Vec<EventId> = seed_events(store, 3).await.iter().map(|e| e.id).collect();
     let mut seen = Vec::new();
     while seen.len() < created.len() {
         let batch = tokio::time::timeout(Duration::from_secs(10), feed.next())
@@ -634,13 +621,7 @@ pub async fn stats_and_operator_commands(store: &dyn Store) {
     let empty = store.outbox_stats(5).await.expect("stats");
     assert_eq!(empty.depth, 0);
     assert!(empty.oldest_created_at.is_none());
-    for i in 0..3 {
-        store
-            .create_ticket(&new_ticket(&format!("t{i}"), 1.0, "u"))
-            .await
-            .expect("create");
-    }
-    let events = store.list_events(10, None).await.expect("list");
+    let events = seed_events(store, 3).await;
     let l = lease("w");
     store.claim_fresh(&[events[0].id], &l).await.expect("c");
     store
@@ -668,19 +649,7 @@ pub async fn stats_and_operator_commands(store: &dyn Store) {
 /// Sweep lanes claim side by side, and a lane takes a short claim to mean "nothing more is due".
 /// So a claim returns fewer than `limit` only when fewer were due, even while others claim.
 pub async fn concurrent_claims_each_get_a_full_batch_while_enough_are_due(store: &dyn Store) {
-    for i in 0..60 {
-        store
-            .create_ticket(&new_ticket(&format!("t{i}"), 1.0, "u"))
-            .await
-            .expect("create");
-    }
-    let ids: Vec<_> = store
-        .list_events(100, None)
-        .await
-        .expect("list")
-        .iter()
-        .map(|e| e.id)
-        .collect();
+    let ids: Vec<EventId> = seed_events(store, 60).await.iter().map(|e| e.id).collect();
     assert_eq!(store.unlock_events(&ids).await.expect("unlock"), 60);
     let (a, b, c) = (lease("lane-a"), lease("lane-b"), lease("lane-c"));
     let (ca, cb, cc) = futures::join!(
