@@ -14,14 +14,15 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use support::delivery::{BIN, Role, StoredMessage, Webhook, spawn_role, stream_messages};
-use support::{errors, eventually, session_cookie};
+use support::delivery::{
+    BIN, Role, STREAM as TICKETS_STREAM, Setup, StoredMessage, Webhook, spawn_role, stream_messages,
+};
+use support::{errors, eventually, session_cookie, sqlite_store};
 use testkit::{NatsServer, free_port};
 use worker::orders::{OrdersConfig, OrdersConsumer, StepOutcome};
 
 const ORDERS: &str = "orders";
 const CONSUMER: &str = "tickets-service";
-const TICKETS_STREAM: &str = "ticketing";
 const LONG: Duration = Duration::from_secs(60);
 
 fn created(order: &str, ticket: &str) -> Vec<u8> {
@@ -80,14 +81,6 @@ async fn provision(js: &jetstream::Context, ack_wait: Duration, duplicate_window
     })
     .await
     .expect("consumer");
-}
-
-async fn store() -> (Arc<SqliteStore>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store = SqliteStore::open(dir.path().join("t.db"), Default::default())
-        .await
-        .expect("open");
-    (Arc::new(store), dir)
 }
 
 async fn ticket(store: &SqliteStore, title: &str) -> Ticket {
@@ -150,7 +143,7 @@ async fn a_message_seen_twice_or_redelivered_after_a_crash_between_commit_and_ac
     let js = orders_service(&nats).await;
     // A one-second duplicate window, so the orders service can publish an event again.
     provision(&js, Duration::from_secs(1), Duration::from_secs(1)).await;
-    let (store, _dir) = store().await;
+    let (store, _dir) = sqlite_store().await;
     let t = ticket(&store, "show").await;
     let c = orders_consumer(&nats, &store, Duration::from_secs(1), RetryPolicy::DEFAULT).await;
 
@@ -207,7 +200,7 @@ async fn a_message_seen_twice_or_redelivered_after_a_crash_between_commit_and_ac
 async fn a_full_batch_commits_while_the_next_is_fetched_and_each_is_acked_after_its_commit() {
     let nats = NatsServer::start().expect("nats");
     let js = orders_service(&nats).await;
-    let (store, _dir) = store().await;
+    let (store, _dir) = sqlite_store().await;
     let client = async_nats::connect(nats.url()).await.expect("connect");
     let mut config = OrdersConfig::new(ORDERS, CONSUMER, Duration::from_secs(168 * 3600));
     config.batch = 3;
@@ -283,7 +276,7 @@ async fn a_full_batch_commits_while_the_next_is_fetched_and_each_is_acked_after_
 async fn a_cancelled_before_its_created_wins_and_a_second_order_conflicts() {
     let nats = NatsServer::start().expect("nats");
     let js = orders_service(&nats).await;
-    let (store, _dir) = store().await;
+    let (store, _dir) = sqlite_store().await;
     let (t, u) = (ticket(&store, "a").await, ticket(&store, "b").await);
     // The orders service's stream also holds other subjects: the consumer's filter keeps them
     // out (the singular `filter_subject`: nats-server 2.9 ignores the plural one).
@@ -348,7 +341,7 @@ async fn an_unknown_ticket_is_parked_after_its_retries_and_poison_at_once_with_a
     let nats = NatsServer::start().expect("nats");
     let js = orders_service(&nats).await;
     let webhook = Webhook::start().await;
-    let (store, _dir) = store().await;
+    let (store, _dir) = sqlite_store().await;
     let retry = RetryPolicy {
         deliveries: 3,
         first_delay: Duration::from_millis(100),
@@ -455,29 +448,8 @@ async fn an_unknown_ticket_is_parked_after_its_retries_and_poison_at_once_with_a
 
 // ---- `ticketing all` as a process ----
 
-struct Setup {
-    dir: tempfile::TempDir,
-    client: reqwest::Client,
-}
-
+/// What these tests add to the delivery tests' `Setup`.
 impl Setup {
-    fn new() -> Self {
-        Self {
-            dir: tempfile::tempdir().expect("tmp"),
-            client: reqwest::Client::new(),
-        }
-    }
-
-    fn db_path(&self) -> std::path::PathBuf {
-        self.dir.path().join("tickets.db")
-    }
-
-    fn db(&self) -> rusqlite::Connection {
-        let c = rusqlite::Connection::open(self.db_path()).expect("db");
-        c.busy_timeout(Duration::from_secs(10)).expect("busy");
-        c
-    }
-
     fn count(&self, sql: &str) -> i64 {
         self.db().query_row(sql, [], |r| r.get(0)).unwrap_or(-1)
     }
@@ -485,19 +457,15 @@ impl Setup {
     /// `ticketing all` on the test's file and server. A short outbox lease and a sweep every
     /// second: what a killed process held is published soon after.
     fn all(&self, nats: &NatsServer, port: u16, name: &str) -> Role {
-        spawn_role(
-            "all",
+        let env = self.env(
+            nats,
             &[
                 ("PORT", port.to_string()),
-                ("SQLITE_PATH", self.db_path().display().to_string()),
-                ("NATS_URL", nats.url()),
-                ("NATS_CLUSTER_ID", TICKETS_STREAM.into()),
                 ("REDIS_URL", "redis://127.0.0.1:1".into()),
                 ("OUTBOX_LOCK_SECS", "2".into()),
-                ("RETRY_SCHEDULE", "* * * * * *".into()),
             ],
-            self.dir.path().join(format!("{name}.log")),
-        )
+        );
+        spawn_role("all", &env, self.log(name))
     }
 
     async fn get(&self, port: u16, path: &str) -> (u16, Value) {
@@ -533,29 +501,6 @@ impl Setup {
     }
 }
 
-impl Drop for Setup {
-    fn drop(&mut self) {
-        if !std::thread::panicking() {
-            return;
-        }
-        for entry in std::fs::read_dir(self.dir.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let path = entry.path();
-            if path.extension().is_some_and(|e| e == "log") {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                eprintln!("==== {} (last 30 lines)", path.display());
-                for line in tail.into_iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
-        }
-    }
-}
-
 async fn ticket_messages(nats: &NatsServer, count: usize) -> Vec<StoredMessage> {
     eventually(
         LONG,
@@ -575,16 +520,7 @@ async fn an_order_reserves_the_ticket_over_http_and_its_cancellation_releases_it
     let port = free_port().expect("port");
     let _all = s.all(&nats, port, "all");
     s.wait_ready(port).await;
-    let res = s
-        .client
-        .post(format!("http://127.0.0.1:{port}/api/tickets"))
-        .header("cookie", session_cookie("seller"))
-        .json(&json!({"title": "concert", "price": 20}))
-        .send()
-        .await
-        .expect("create");
-    assert_eq!(res.status(), 201);
-    let ticket: Value = res.json().await.expect("json");
+    let ticket = s.create(port, "concert").await;
     let id = ticket["id"].as_str().expect("id").to_owned();
 
     // `all` created the orders stream: the orders service publishes to it.
@@ -675,15 +611,7 @@ async fn http_updates_and_order_events_on_one_ticket_keep_contiguous_versions() 
     let port = free_port().expect("port");
     let _all = s.all(&nats, port, "all");
     s.wait_ready(port).await;
-    let res = s
-        .client
-        .post(format!("http://127.0.0.1:{port}/api/tickets"))
-        .header("cookie", session_cookie("seller"))
-        .json(&json!({"title": "contested", "price": 20}))
-        .send()
-        .await
-        .expect("create");
-    let id = res.json::<Value>().await.expect("json")["id"]
+    let id = s.create(port, "contested").await["id"]
         .as_str()
         .expect("id")
         .to_owned();
@@ -756,7 +684,7 @@ async fn a_process_killed_under_a_burst_of_orders_applies_each_once_after_a_rest
     const TICKETS: usize = 600;
     let nats = NatsServer::start().expect("nats");
     let s = Setup::new();
-    let ids = seed_tickets(&s.db_path(), TICKETS).await;
+    let ids = seed_tickets(&s.db, TICKETS).await;
     let js = orders_service(&nats).await;
     // An ack wait of 2 s: what the killed process fetched and did not ack comes back soon.
     provision(&js, Duration::from_secs(2), Duration::from_secs(120)).await;
@@ -983,7 +911,7 @@ async fn a_retention_shorter_than_the_redelivery_horizon_stops_the_role() {
         .env_remove("MONGO_URI")
         .env("JWT_KEY", support::JWT_KEY)
         .env("PORT", free_port().expect("port").to_string())
-        .env("SQLITE_PATH", s.db_path())
+        .env("SQLITE_PATH", &s.db)
         .env("NATS_URL", nats.url())
         .env("INBOX_RETENTION_HOURS", "1")
         .output()

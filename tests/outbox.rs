@@ -10,6 +10,7 @@ use common::{EventId, NewTicket, Price, TicketChanges, Title, UserId};
 use std::sync::Arc;
 use std::time::Duration;
 use support::delivery::stream_messages;
+use support::sqlite_store;
 use testkit::NatsServer;
 use tokio_util::sync::CancellationToken;
 use worker::{DispatchConfig, Dispatcher, JetStreamPublisher, NatsConfig, Outcome, Path};
@@ -49,14 +50,6 @@ fn dispatcher(
             duplicate_window: Duration::from_secs(120),
         },
     )
-}
-
-async fn store() -> (Arc<SqliteStore>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tmp");
-    let store = SqliteStore::open(dir.path().join("t.db"), Default::default())
-        .await
-        .expect("open");
-    (Arc::new(store), dir)
 }
 
 fn ticket(title: &str) -> NewTicket {
@@ -135,7 +128,7 @@ async fn newest_event(store: &SqliteStore) -> EventId {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_later_version_waits_for_an_earlier_failed_one() {
     let mut nats = NatsServer::start().expect("nats");
-    let (store, _dir) = store().await;
+    let (store, _dir) = sqlite_store().await;
     let d = dispatcher(&store, publisher(&nats, "w").await, "w", 100);
 
     let t = store.create_ticket(&ticket("show")).await.expect("create");
@@ -189,7 +182,7 @@ async fn a_later_version_waits_for_an_earlier_failed_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_of_versions_is_published_in_order_in_one_sweep() {
     let nats = NatsServer::start().expect("nats");
-    let (store, _dir) = store().await;
+    let (store, _dir) = sqlite_store().await;
     let d = dispatcher(&store, publisher(&nats, "w").await, "w", 100);
     let t = store.create_ticket(&ticket("show")).await.expect("create");
     for v in 0..4 {
@@ -209,7 +202,7 @@ async fn a_chain_of_versions_is_published_in_order_in_one_sweep() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sweeps_never_publish_an_event_twice() {
     let nats = NatsServer::start().expect("nats");
-    let (store, _dir) = store().await;
+    let (store, _dir) = sqlite_store().await;
     let a = dispatcher(&store, publisher(&nats, "a").await, "a", 25);
     let b = dispatcher(&store, publisher(&nats, "b").await, "b", 25);
     for i in 0..300 {
@@ -249,7 +242,7 @@ async fn concurrent_sweeps_never_publish_an_event_twice() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_republished_event_is_dropped_by_jetstream_and_still_completed() {
     let nats = NatsServer::start().expect("nats");
-    let (store, _dir) = store().await;
+    let (store, _dir) = sqlite_store().await;
     let p = publisher(&nats, "w").await;
     let d = dispatcher(&store, p.clone(), "w", 100);
     store.create_ticket(&ticket("t")).await.expect("create");
@@ -268,7 +261,7 @@ async fn a_republished_event_is_dropped_by_jetstream_and_still_completed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweep_stops_when_everything_it_claims_must_wait() {
     let nats = NatsServer::start().expect("nats");
-    let (store, _dir) = store().await;
+    let (store, _dir) = sqlite_store().await;
     let d = dispatcher(&store, publisher(&nats, "w").await, "w", 2);
     let t = store.create_ticket(&ticket("show")).await.expect("create");
     for v in 0..5 {
@@ -304,7 +297,7 @@ async fn a_sweep_stops_when_everything_it_claims_must_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_hands_each_event_over_at_commit_already_claimed() {
     let nats = NatsServer::start().expect("nats");
-    let (store, dir) = store().await;
+    let (store, dir) = sqlite_store().await;
     let d = dispatcher(&store, publisher(&nats, "w").await, "w", 100);
     let (mut feed, stop) = subscribe(&store, "w").await;
 
@@ -376,7 +369,7 @@ async fn the_store_hands_each_event_over_at_commit_already_claimed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closing_feed_releases_the_events_it_did_not_hand_out() {
     let nats = NatsServer::start().expect("nats");
-    let (store, _dir) = store().await;
+    let (store, _dir) = sqlite_store().await;
     let d = dispatcher(&store, publisher(&nats, "w").await, "w", 100);
     let (mut feed, stop) = subscribe(&store, "w").await;
     for i in 0..3 {

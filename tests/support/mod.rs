@@ -133,6 +133,15 @@ pub async fn errors(res: Response, status: u16) -> Vec<Value> {
     errors
 }
 
+/// A SQLite store on a file in a temp dir of its own (kept while the dir lives).
+pub async fn sqlite_store() -> (Arc<SqliteStore>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tmp");
+    let store = SqliteStore::open(dir.path().join("t.db"), Default::default())
+        .await
+        .expect("open");
+    (Arc::new(store), dir)
+}
+
 /// Polls `check` until it returns `Some`, or panics after `timeout`.
 pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> T
 where
