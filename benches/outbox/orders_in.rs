@@ -11,11 +11,13 @@ use worker::orders::{self, OrdersConfig, OrdersConsumer};
 
 const ORDERS_STREAM: &str = "orders";
 
-/// CPU seconds used so far: this process, its SQLite writer thread, and nats-server.
+/// CPU seconds used so far: this process, its SQLite writer thread, and nats-server; and how
+/// long the writer thread has waited for a CPU while it could run (`schedstat`).
 #[derive(Debug, Clone, Copy, Default)]
 struct Cpu {
     ours: f64,
     writer: f64,
+    writer_waited: f64,
     nats: f64,
 }
 
@@ -25,7 +27,7 @@ impl Cpu {
             .pid()
             .and_then(|p| env::cpu_secs(&p.to_string()))
             .unwrap_or(0.0);
-        let writer = std::fs::read_dir("/proc/self/task")
+        let writers: Vec<String> = std::fs::read_dir("/proc/self/task")
             .into_iter()
             .flatten()
             .flatten()
@@ -33,23 +35,33 @@ impl Cpu {
                 std::fs::read_to_string(t.path().join("comm"))
                     .is_ok_and(|c| c.trim() == "sqlite-writer")
             })
+            .map(|t| format!("self/task/{}", t.file_name().to_string_lossy()))
+            .collect();
+        let writer = writers.iter().filter_map(|t| env::cpu_secs(t)).sum();
+        let writer_waited = writers
+            .iter()
             .filter_map(|t| {
-                env::cpu_secs(&format!("self/task/{}", t.file_name().to_string_lossy()))
+                let stat = std::fs::read_to_string(format!("/proc/{t}/schedstat")).ok()?;
+                let waited: f64 = stat.split_whitespace().nth(1)?.parse().ok()?;
+                Some(waited / 1e9)
             })
             .sum();
         Self {
             ours: env::cpu_secs("self").unwrap_or(0.0),
             writer,
+            writer_waited,
             nats,
         }
     }
 
-    /// Microseconds per message since `before`: (this process, its writer thread, nats-server).
-    fn per_message_since(&self, before: &Self, n: usize) -> (f64, f64, f64) {
+    /// Microseconds per message since `before`: (this process, its writer thread, the writer's
+    /// wait for a CPU, nats-server).
+    fn per_message_since(&self, before: &Self, n: usize) -> (f64, f64, f64, f64) {
         let us = |a: f64, b: f64| (a - b) / n as f64 * 1e6;
         (
             us(self.ours, before.ours),
             us(self.writer, before.writer),
+            us(self.writer_waited, before.writer_waited),
             us(self.nats, before.nats),
         )
     }
@@ -176,7 +188,7 @@ pub(crate) async fn scenario_orders_in(
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     let cpu = Cpu::now(nats);
     let raw1 = rate(raw_fetch_and_ack(&client, "bench-raw-1", n).await?);
-    let (raw_ours, _, raw_nats) = Cpu::now(nats).per_message_since(&cpu, n);
+    let (raw_ours, _, _, raw_nats) = Cpu::now(nats).per_message_since(&cpu, n);
 
     // The product's consumer, on its own durable consumer of the same stream.
     let consumer = OrdersConsumer::new(
@@ -205,7 +217,7 @@ pub(crate) async fn scenario_orders_in(
     }
     client.flush().await?;
     let applied_time = t.elapsed();
-    let (cpu_ours, cpu_writer, cpu_nats) = Cpu::now(nats).per_message_since(&cpu, n);
+    let (cpu_ours, cpu_writer, writer_waited, cpu_nats) = Cpu::now(nats).per_message_since(&cpu, n);
     let ours = rate(applied_time);
     ensure!(applied == n, "applied {applied} of {n}");
     let reserved: i64 = seed::connect(store.path())?.query_row(
@@ -224,8 +236,9 @@ pub(crate) async fn scenario_orders_in(
     );
     println!(
         "  CPU per message: raw {raw_ours:.1} us here + {raw_nats:.1} us nats-server; orders \
-         consumer {cpu_ours:.1} us here (SQLite writer thread {cpu_writer:.1}) + {cpu_nats:.1} us \
-         nats-server"
+         consumer {cpu_ours:.1} us here (SQLite writer thread {cpu_writer:.1}, and \
+         {writer_waited:.1} waiting for a CPU) + {cpu_nats:.1} us nats-server; wall {:.1} us",
+        applied_time.as_secs_f64() / n as f64 * 1e6
     );
     rows.push(Row {
         id: "8".into(),

@@ -17,6 +17,7 @@ use crate::domain::{Ticket, TicketId};
 use crate::outbox::{Alert, AlertKind};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::time::Duration;
@@ -121,44 +122,53 @@ pub enum Classified {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 #[allow(dead_code)] // every field is checked for its presence and type; only some are used
-struct CreatedPayload {
-    id: String,
+struct CreatedPayload<'a> {
+    // Borrowed from the payload where they hold no escapes: read, checked, not kept.
+    #[serde(borrow)]
+    id: Cow<'a, str>,
     version: i64,
-    status: String,
-    user_id: String,
-    expires_at: String,
-    ticket: CreatedTicket,
+    #[serde(borrow)]
+    status: Cow<'a, str>,
+    #[serde(borrow)]
+    user_id: Cow<'a, str>,
+    #[serde(borrow)]
+    expires_at: Cow<'a, str>,
+    #[serde(borrow)]
+    ticket: CreatedTicket<'a>,
 }
 
 #[derive(Deserialize)]
 #[allow(dead_code)]
-struct CreatedTicket {
-    id: String,
+struct CreatedTicket<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
     price: f64,
 }
 
 /// `order.cancelled` as the course's orders service sends it.
 #[derive(Deserialize)]
 #[allow(dead_code)]
-struct CancelledPayload {
-    id: String,
+struct CancelledPayload<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
     version: i64,
-    ticket: CancelledTicket,
+    #[serde(borrow)]
+    ticket: CancelledTicket<'a>,
 }
 
 #[derive(Deserialize)]
-struct CancelledTicket {
-    id: String,
+struct CancelledTicket<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
 }
 
 /// Reads a message: its subject picks the shape its payload must have.
 pub fn classify(subject: &str, payload: &[u8]) -> Classified {
     let parsed = match subject {
         ORDER_CREATED => serde_json::from_slice::<CreatedPayload>(payload)
-            .map(|p| (p.id, p.ticket.id))
-            .map(|(order, ticket)| order_event(order, &ticket, true)),
+            .map(|p| order_event(&p.id, &p.ticket.id, true)),
         ORDER_CANCELLED => serde_json::from_slice::<CancelledPayload>(payload)
-            .map(|p| order_event(p.id, &p.ticket.id, false)),
+            .map(|p| order_event(&p.id, &p.ticket.id, false)),
         _ => return Classified::Other,
     };
     match parsed {
@@ -168,7 +178,7 @@ pub fn classify(subject: &str, payload: &[u8]) -> Classified {
     }
 }
 
-fn order_event(order_id: String, ticket: &str, created: bool) -> Result<OrderEvent, String> {
+fn order_event(order_id: &str, ticket: &str, created: bool) -> Result<OrderEvent, String> {
     if order_id.trim().is_empty() || order_id.chars().count() > ORDER_ID_MAX {
         return Err(format!(
             "the order id must be 1 to {ORDER_ID_MAX} characters, not {order_id:?}"
@@ -176,6 +186,7 @@ fn order_event(order_id: String, ticket: &str, created: bool) -> Result<OrderEve
     }
     let ticket_id = TicketId::parse(ticket)
         .ok_or_else(|| format!("ticket.id is not a ticket id (24 hex characters): {ticket:?}"))?;
+    let order_id = order_id.to_owned();
     Ok(if created {
         OrderEvent::Created {
             order_id,

@@ -1,16 +1,70 @@
 //! Rows to values and back: timestamps as fixed-width UTC text, ids as ObjectId hex, the
 //! failures and alert snapshots as JSON text.
 
-use crate::domain::{EventId, OutboxEvent, Payload, Subject, Ticket, TicketId};
+use crate::domain::{EventId, Hex, OutboxEvent, Payload, Subject, Ticket, TicketId};
 use crate::inbox::{InboxRecord, Outcome};
 use crate::outbox::{Alert, AlertAbout, AlertKind};
 use crate::store::BoxError;
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::types::{ToSqlOutput, ValueRef};
+use rusqlite::{Connection, OptionalExtension, Row, Statement, ToSql, params};
 
 /// UTC timestamps as fixed-width text, so that text order is time order.
 pub(super) fn ts(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    match Ts::of(t) {
+        Ts::Fixed(text) => String::from_utf8_lossy(&text).into_owned(),
+        Ts::Other(text) => text,
+    }
+}
+
+/// [`ts`] without allocating, for the binds of the hot writes: "2026-11-24T19:40:00.123Z" written
+/// digit by digit (chrono's formatter, with its `String`, took a visible share of the writer's
+/// time), and chrono's text for what that shape cannot hold (a year past 9999, a leap second).
+pub(super) enum Ts {
+    Fixed([u8; 24]),
+    Other(String),
+}
+
+impl Ts {
+    pub(super) fn of(t: DateTime<Utc>) -> Self {
+        use chrono::{Datelike, Timelike};
+        let millis = t.nanosecond() / 1_000_000;
+        if !(0..=9999).contains(&t.year()) || millis > 999 {
+            return Ts::Other(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+        }
+        let mut out = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, width: usize, mut n: u32| {
+            for i in (at..at + width).rev() {
+                out[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+        };
+        put(0, 4, t.year().unsigned_abs());
+        put(5, 2, t.month());
+        put(8, 2, t.day());
+        put(11, 2, t.hour());
+        put(14, 2, t.minute());
+        put(17, 2, t.second());
+        put(20, 3, millis);
+        Ts::Fixed(out)
+    }
+}
+
+impl ToSql for Ts {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(ValueRef::Text(match self {
+            Ts::Fixed(text) => text,
+            Ts::Other(text) => text.as_bytes(),
+        })))
+    }
+}
+
+impl ToSql for Hex {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(ValueRef::Text(
+            self.as_str().as_bytes(),
+        )))
+    }
 }
 
 pub(super) fn conversion_error(idx: usize, e: impl Into<BoxError>) -> rusqlite::Error {
@@ -105,27 +159,78 @@ pub(super) fn alert_from_row(row: &Row) -> rusqlite::Result<Alert> {
     })
 }
 
-pub(super) fn insert_event(conn: &Connection, e: &OutboxEvent) -> rusqlite::Result<()> {
-    conn.prepare_cached(concat!(
-        "INSERT INTO events (",
-        event_cols!(),
-        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
-    ))?
-    .execute(params![
-        e.id.to_hex(),
-        e.subject.as_str(),
-        e.data.as_str(),
-        e.aggregate_id.to_hex(),
-        e.version,
-        e.is_locked,
-        ts(e.locked_until),
-        e.locked_by,
-        to_json(&e.failures)?,
-        e.attempts,
-        ts(e.created_at),
-        e.alerted_at.map(ts),
-        e.unknown_since.map(ts),
-    ])?;
+pub(super) const INSERT_EVENT: &str = concat!(
+    "INSERT INTO events (",
+    event_cols!(),
+    ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
+);
+const EVENT_COLUMNS: usize = 13;
+
+/// Rows per multi-row INSERT of a batch's events or inbox records: one statement for this many
+/// rows saves, per row, a statement's set-up and halt and (events) the `AUTOINCREMENT` counter's
+/// read and write. The rows past the last full statement go one by one.
+pub(super) const ROWS_PER_INSERT: usize = 100;
+
+/// `INSERT INTO {table} ({columns}) VALUES (?,...),(?,...)...`: `rows` rows of `n` columns.
+fn insert_many_sql(table: &str, columns: &str, n: usize, rows: usize) -> String {
+    let row = format!("({})", placeholders(n));
+    let values = vec![row.as_str(); rows].join(",");
+    format!("INSERT INTO {table} ({columns}) VALUES {values}")
+}
+
+static INSERT_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    insert_many_sql("events", event_cols!(), EVENT_COLUMNS, ROWS_PER_INSERT)
+});
+
+/// Inserts an event with `insert` ([`INSERT_EVENT`]).
+pub(super) fn insert_event_with(insert: &mut Statement, e: &OutboxEvent) -> rusqlite::Result<()> {
+    bind_event(insert, 1, e)?;
+    insert.raw_execute()?;
+    Ok(())
+}
+
+/// Inserts `events` in commit order, [`ROWS_PER_INSERT`] to a statement.
+pub(super) fn insert_events(conn: &Connection, events: &[OutboxEvent]) -> rusqlite::Result<()> {
+    let mut chunks = events.chunks_exact(ROWS_PER_INSERT);
+    if events.len() >= ROWS_PER_INSERT {
+        let mut many = conn.prepare_cached(&INSERT_EVENTS)?;
+        for chunk in chunks.by_ref() {
+            for (i, e) in chunk.iter().enumerate() {
+                bind_event(&mut many, 1 + i * EVENT_COLUMNS, e)?;
+            }
+            many.raw_execute()?;
+        }
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut one = conn.prepare_cached(INSERT_EVENT)?;
+        for e in rest {
+            insert_event_with(&mut one, e)?;
+        }
+    }
+    Ok(())
+}
+
+/// Binds `e`'s columns ([`event_cols!`]) from parameter `first` on.
+fn bind_event(s: &mut Statement, first: usize, e: &OutboxEvent) -> rusqlite::Result<()> {
+    // No failures yet on every fresh event: no serialiser for "[]".
+    let failures = match e.failures.is_empty() {
+        true => None,
+        false => Some(to_json(&e.failures)?),
+    };
+    s.raw_bind_parameter(first, e.id.hex())?;
+    s.raw_bind_parameter(first + 1, e.subject.as_str())?;
+    s.raw_bind_parameter(first + 2, e.data.as_str())?;
+    s.raw_bind_parameter(first + 3, e.aggregate_id.hex())?;
+    s.raw_bind_parameter(first + 4, e.version)?;
+    s.raw_bind_parameter(first + 5, e.is_locked)?;
+    s.raw_bind_parameter(first + 6, Ts::of(e.locked_until))?;
+    s.raw_bind_parameter(first + 7, e.locked_by.as_deref())?;
+    s.raw_bind_parameter(first + 8, failures.as_deref().unwrap_or("[]"))?;
+    s.raw_bind_parameter(first + 9, e.attempts)?;
+    s.raw_bind_parameter(first + 10, Ts::of(e.created_at))?;
+    s.raw_bind_parameter(first + 11, e.alerted_at.map(Ts::of))?;
+    s.raw_bind_parameter(first + 12, e.unknown_since.map(Ts::of))?;
     Ok(())
 }
 
@@ -168,26 +273,57 @@ pub(super) fn inbox_from_row(row: &Row) -> rusqlite::Result<InboxRecord> {
     })
 }
 
-pub(super) fn insert_inbox_record(conn: &Connection, r: &InboxRecord) -> rusqlite::Result<()> {
-    conn.prepare_cached(concat!(
-        "INSERT INTO inbox (",
-        inbox_cols!(),
-        ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
-    ))?
-    .execute(params![
-        r.id,
-        r.subject,
-        r.stream,
-        i64::try_from(r.sequence).unwrap_or(i64::MAX),
-        r.order_id,
-        r.ticket_id.map(|t| t.to_hex()),
-        r.outcome.as_str(),
-        r.reason,
-        r.deliveries,
-        r.payload,
-        ts(r.received_at),
-        r.done_at.map(ts),
-    ])?;
+pub(super) const INSERT_INBOX_RECORD: &str = concat!(
+    "INSERT INTO inbox (",
+    inbox_cols!(),
+    ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"
+);
+const INBOX_COLUMNS: usize = 12;
+
+static INSERT_INBOX_RECORDS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    insert_many_sql("inbox", inbox_cols!(), INBOX_COLUMNS, ROWS_PER_INSERT)
+});
+
+/// Inserts `records`, [`ROWS_PER_INSERT`] to a statement.
+pub(super) fn insert_inbox_records(
+    conn: &Connection,
+    records: &[InboxRecord],
+) -> rusqlite::Result<()> {
+    let mut chunks = records.chunks_exact(ROWS_PER_INSERT);
+    if records.len() >= ROWS_PER_INSERT {
+        let mut many = conn.prepare_cached(&INSERT_INBOX_RECORDS)?;
+        for chunk in chunks.by_ref() {
+            for (i, r) in chunk.iter().enumerate() {
+                bind_inbox_record(&mut many, 1 + i * INBOX_COLUMNS, r)?;
+            }
+            many.raw_execute()?;
+        }
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut one = conn.prepare_cached(INSERT_INBOX_RECORD)?;
+        for r in rest {
+            bind_inbox_record(&mut one, 1, r)?;
+            one.raw_execute()?;
+        }
+    }
+    Ok(())
+}
+
+/// Binds `r`'s columns ([`inbox_cols!`]) from parameter `first` on.
+fn bind_inbox_record(s: &mut Statement, first: usize, r: &InboxRecord) -> rusqlite::Result<()> {
+    s.raw_bind_parameter(first, r.id.as_str())?;
+    s.raw_bind_parameter(first + 1, r.subject.as_str())?;
+    s.raw_bind_parameter(first + 2, r.stream.as_str())?;
+    s.raw_bind_parameter(first + 3, i64::try_from(r.sequence).unwrap_or(i64::MAX))?;
+    s.raw_bind_parameter(first + 4, r.order_id.as_deref())?;
+    s.raw_bind_parameter(first + 5, r.ticket_id.map(|t| t.hex()))?;
+    s.raw_bind_parameter(first + 6, r.outcome.as_str())?;
+    s.raw_bind_parameter(first + 7, r.reason.as_deref())?;
+    s.raw_bind_parameter(first + 8, r.deliveries)?;
+    s.raw_bind_parameter(first + 9, r.payload.as_slice())?;
+    s.raw_bind_parameter(first + 10, Ts::of(r.received_at))?;
+    s.raw_bind_parameter(first + 11, r.done_at.map(Ts::of))?;
     Ok(())
 }
 
@@ -220,5 +356,30 @@ mod tests {
         let (a, b) = (ts(a.with_timezone(&Utc)), ts(b.with_timezone(&Utc)));
         assert_eq!(a, "2026-01-02T03:04:05.006Z");
         assert!(a < b);
+    }
+
+    #[test]
+    fn timestamps_are_written_as_chrono_writes_them() {
+        let chrono_text = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut t = DateTime::parse_from_rfc3339("1999-12-31T23:59:59.999Z")
+            .expect("t")
+            .with_timezone(&Utc);
+        // Steps of a prime number of milliseconds cross every field's carries.
+        for _ in 0..20_000 {
+            assert_eq!(ts(t), chrono_text(t));
+            t += chrono::Duration::milliseconds(7_919_993_017);
+        }
+        let now = Utc::now();
+        assert_eq!(ts(now), chrono_text(now));
+        for text in ["0000-01-01T00:00:00.000Z", "9999-12-31T23:59:59.999Z"] {
+            let t = DateTime::parse_from_rfc3339(text)
+                .expect("t")
+                .with_timezone(&Utc);
+            assert_eq!(ts(t), text);
+        }
+        // Outside the fixed shape: chrono's own text.
+        let far = DateTime::<Utc>::MAX_UTC;
+        assert_eq!(ts(far), chrono_text(far));
+        assert!(matches!(Ts::of(far), Ts::Other(_)));
     }
 }

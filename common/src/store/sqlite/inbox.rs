@@ -6,10 +6,11 @@
 
 use super::SqliteStore;
 use super::codec::{
-    inbox_from_row, insert_inbox_record, placeholders, queue_alert, ticket_from_row, ts,
+    inbox_from_row, insert_events, insert_inbox_records, placeholders, queue_alert,
+    ticket_from_row, ts,
 };
 use super::outbox::IN_LIST_MAX;
-use super::tickets::write_event;
+use super::tickets::claimed_event;
 use crate::domain::{OutboxEvent, Subject, TicketId};
 use crate::inbox::{Batch, InboxMessage, InboxRecord, Known, Plan, Reads, RetryPolicy, Verdict};
 use crate::outbox::rules;
@@ -71,7 +72,9 @@ fn read_known(conn: &Connection, reads: &Reads) -> rusqlite::Result<Known> {
     Ok(known)
 }
 
-/// Writes a plan; returns the events of its ticket changes.
+/// Writes a plan; returns the events of its ticket changes. Each statement is prepared once for
+/// the whole plan (a batch of up to a thousand messages), and events and records go in
+/// multi-row INSERTs.
 fn store_plan(
     conn: &Connection,
     fresh_lock: Duration,
@@ -79,38 +82,37 @@ fn store_plan(
     plan: &Plan,
 ) -> rusqlite::Result<Vec<OutboxEvent>> {
     let mut events = Vec::with_capacity(plan.changes.len());
-    for change in &plan.changes {
-        let id = change.ticket.id;
+    if !plan.changes.is_empty() {
         // No RETURNING (SQLite buffers its rows in a temporary table, a cost per message): the
         // row was read in this transaction and the update applies only to that version, so the
         // row stored is `change.ticket` exactly (only `orderId` and `version` change), and the
         // event is built from it, as the API builds its events from the stored row.
-        let changed = conn
-            .prepare_cached(
-                "UPDATE tickets SET order_id = ?1, version = version + 1 \
-                 WHERE id = ?2 AND version = ?3",
-            )?
-            .execute(params![
+        let mut update = conn.prepare_cached(
+            "UPDATE tickets SET order_id = ?1, version = version + 1 \
+             WHERE id = ?2 AND version = ?3",
+        )?;
+        for change in &plan.changes {
+            let id = change.ticket.id;
+            let changed = update.execute(params![
                 change.ticket.order_id,
-                id.to_hex(),
+                id.hex(),
                 change.expected_version
             ])?;
-        if changed != 1 {
-            return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(
-                TicketMoved(id),
-            )));
+            if changed != 1 {
+                return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(
+                    TicketMoved(id),
+                )));
+            }
+            events.push(claimed_event(
+                fresh_lock,
+                claim,
+                Subject::TicketUpdated,
+                &change.ticket,
+            ));
         }
-        events.push(write_event(
-            conn,
-            fresh_lock,
-            claim,
-            Subject::TicketUpdated,
-            &change.ticket,
-        )?);
+        insert_events(conn, &events)?;
     }
-    for record in &plan.records {
-        insert_inbox_record(conn, record)?;
-    }
+    insert_inbox_records(conn, &plan.records)?;
     for alert in &plan.alerts {
         queue_alert(conn, alert)?;
     }

@@ -2,15 +2,14 @@
 //! built from the row as stored, committed together).
 
 use super::SqliteStore;
-use super::codec::{insert_event, ticket_from_row};
+use super::codec::{INSERT_EVENT, insert_event_with, ticket_from_row};
 use crate::domain::{NewTicket, OutboxEvent, Subject, Ticket, TicketChanges, TicketId};
 use crate::outbox::rules;
 use crate::store::{Page, StoreError, Tickets, UpdateOutcome};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::time::Duration;
 
-/// Writes the event of a ticket write, claimed by the feed in this process when `claim` is its
-/// lease token (see `writer`), fresh otherwise.
+/// Writes the event of a ticket write (see [`claimed_event`]).
 pub(super) fn write_event(
     conn: &Connection,
     fresh_lock: Duration,
@@ -18,10 +17,23 @@ pub(super) fn write_event(
     subject: Subject,
     stored: &Ticket,
 ) -> rusqlite::Result<OutboxEvent> {
+    let event = claimed_event(fresh_lock, claim, subject, stored);
+    let mut insert = conn.prepare_cached(INSERT_EVENT)?;
+    insert_event_with(&mut insert, &event)?;
+    Ok(event)
+}
+
+/// The event of a ticket write, claimed by the feed in this process when `claim` is its lease
+/// token (see `writer`), fresh otherwise.
+pub(super) fn claimed_event(
+    fresh_lock: Duration,
+    claim: Option<&str>,
+    subject: Subject,
+    stored: &Ticket,
+) -> OutboxEvent {
     let mut event = rules::fresh_event(subject, stored, fresh_lock);
     event.locked_by = claim.map(str::to_owned);
-    insert_event(conn, &event)?;
-    Ok(event)
+    event
 }
 
 #[async_trait::async_trait]
