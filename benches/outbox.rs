@@ -102,8 +102,9 @@ struct Plan {
     backlog: usize,
     /// Scenario 6's events of unknown outcome.
     reconcile_backlog: usize,
-    /// Scenario 8: order messages waiting in the orders stream.
+    /// Scenario 8: order messages waiting in the orders stream, and rounds of it.
     orders: usize,
+    order_rounds: usize,
     sweep_sizes: Vec<usize>,
     empty_reps: usize,
     sweep_reps: usize,
@@ -142,6 +143,7 @@ impl Plan {
                 backlog: 5_000,
                 reconcile_backlog: 1_000,
                 orders: 2_000,
+                order_rounds: 1,
                 sweep_sizes: vec![1_000, 10_000],
                 empty_reps: 21,
                 sweep_reps: 3,
@@ -162,6 +164,7 @@ impl Plan {
                 backlog: 100_000,
                 reconcile_backlog: 10_000,
                 orders: 10_000,
+                order_rounds: 5,
                 sweep_sizes: vec![1_000, 100_000, 1_000_000],
                 empty_reps: 101,
                 sweep_reps: 11,

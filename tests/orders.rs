@@ -825,11 +825,12 @@ async fn inbox_commands_list_show_replay_and_drop_parked_messages() {
     };
     let verdicts = store
         .apply_messages(
-            &[
+            vec![
                 message("X:created", "order.created", created("X", &late.to_hex())),
                 message("poison", "order.cancelled", b"not json".to_vec()),
                 message("A:created", "order.created", created("A", &t.id.to_hex())),
-            ],
+            ]
+            .into(),
             &RetryPolicy::DEFAULT,
         )
         .await

@@ -151,13 +151,64 @@ async fn raw_fetch_and_ack(
     Ok(t.elapsed())
 }
 
+/// One round's figures.
+struct Round {
+    /// Raw fetch-and-ack before and after the consumer, msg/s.
+    raw: (f64, f64),
+    /// The orders consumer, msg/s, and how long it took.
+    ours: f64,
+    secs: f64,
+}
+
+impl Round {
+    fn ratio(&self) -> f64 {
+        self.ours / ((self.raw.0 + self.raw.1) / 2.0)
+    }
+}
+
 pub(crate) async fn scenario_orders_in(
     plan: &Plan,
     nats: &NatsServer,
     rows: &mut Vec<Row>,
 ) -> anyhow::Result<()> {
     let n = plan.orders;
-    let url = nats.url();
+    let client = async_nats::connect(&nats.url())
+        .await
+        .context("connecting to NATS")?;
+    // A round lasts about a tenth of a second on 2 cores: single rounds scatter with whatever
+    // else the machine does, so the row is the median round (by ratio).
+    let mut rounds = Vec::with_capacity(plan.order_rounds);
+    for i in 0..plan.order_rounds {
+        println!("  round {} of {}:", i + 1, plan.order_rounds);
+        rounds.push(round(n, nats, &client).await?);
+    }
+    rounds.sort_by(|a, b| a.ratio().total_cmp(&b.ratio()));
+    let ratios: Vec<String> = rounds.iter().map(|r| format!("{:.2}", r.ratio())).collect();
+    let mid = &rounds[rounds.len() / 2];
+    let raw = (mid.raw.0 + mid.raw.1) / 2.0;
+    println!(
+        "  ratios by round, sorted: {}; the median round: orders consumer {:.0} msg/s, raw {raw:.0}",
+        ratios.join(", "),
+        mid.ours
+    );
+    rows.push(Row {
+        id: "8".into(),
+        what: format!(
+            "order events in, {n} order.created, fetches of {FETCH}, msg/s (median of {} rounds)",
+            rounds.len()
+        ),
+        measured: format!("{:.0} ({:.2} s)", mid.ours, mid.secs),
+        baseline: format!("raw JetStream fetch-and-ack: {raw:.0}"),
+        ratio: format!("{:.2}", mid.ratio()),
+        target: ">= 0.50".into(),
+        verdict: verdict(mid.ratio() >= 0.5),
+    });
+    Ok(())
+}
+
+/// A round: a fresh store with `n` tickets, a fresh orders stream with an `order.created` for
+/// each, raw fetch-and-ack of them, the orders consumer applying them, raw again.
+async fn round(n: usize, nats: &NatsServer, client: &async_nats::Client) -> anyhow::Result<Round> {
     let dir = tempfile::tempdir()?;
     let store = SqliteStore::open(dir.path().join("tickets.db"), SqliteOptions::default()).await?;
     let tickets: Vec<TicketId> = (0..n).map(|_| TicketId::new()).collect();
@@ -174,20 +225,17 @@ pub(crate) async fn scenario_orders_in(
             Ok(())
         })
         .await?;
-    let client = async_nats::connect(&url)
-        .await
-        .context("connecting to NATS")?;
     let js = jetstream::new(client.clone());
     reset_orders_stream(&js).await?;
     let t = Instant::now();
     publish_orders(&js, &tickets).await?;
     println!(
-        "  seeded {n} tickets and published {n} order.created in {:.1} s",
+        "    seeded {n} tickets and published {n} order.created in {:.1} s",
         t.elapsed().as_secs_f64()
     );
     let rate = |d: Duration| n as f64 / d.as_secs_f64();
     let cpu = Cpu::now(nats);
-    let raw1 = rate(raw_fetch_and_ack(&client, "bench-raw-1", n).await?);
+    let raw1 = rate(raw_fetch_and_ack(client, "bench-raw-1", n).await?);
     let (raw_ours, _, _, raw_nats) = Cpu::now(nats).per_message_since(&cpu, n);
 
     // The product's consumer, on its own durable consumer of the same stream.
@@ -227,27 +275,23 @@ pub(crate) async fn scenario_orders_in(
     )?;
     ensure!(reserved == n as i64, "{reserved} of {n} tickets reserved");
 
-    let raw2 = rate(raw_fetch_and_ack(&client, "bench-raw-2", n).await?);
-    let raw = (raw1 + raw2) / 2.0;
+    let raw2 = rate(raw_fetch_and_ack(client, "bench-raw-2", n).await?);
+    let round = Round {
+        raw: (raw1, raw2),
+        ours,
+        secs: applied_time.as_secs_f64(),
+    };
     println!(
-        "  raw fetch-and-ack, fetches of {FETCH}: {raw1:.0} and {raw2:.0} msg/s (before / after); \
-         orders consumer: {ours:.0} msg/s ({:.2} s, one transaction per fetch)",
-        applied_time.as_secs_f64()
+        "    raw fetch-and-ack, fetches of {FETCH}: {raw1:.0} and {raw2:.0} msg/s (before / after); \
+         orders consumer: {ours:.0} msg/s ({:.2} s, one transaction per fetch): ratio {:.2}",
+        round.secs,
+        round.ratio()
     );
     println!(
-        "  CPU per message: raw {raw_ours:.1} us here + {raw_nats:.1} us nats-server; orders \
+        "    CPU per message: raw {raw_ours:.1} us here + {raw_nats:.1} us nats-server; orders \
          consumer {cpu_ours:.1} us here (SQLite writer thread {cpu_writer:.1}, and \
          {writer_waited:.1} waiting for a CPU) + {cpu_nats:.1} us nats-server; wall {:.1} us",
-        applied_time.as_secs_f64() / n as f64 * 1e6
+        round.secs / n as f64 * 1e6
     );
-    rows.push(Row {
-        id: "8".into(),
-        what: format!("order events in, {n} order.created, fetches of {FETCH}, msg/s"),
-        measured: format!("{ours:.0} ({:.2} s)", applied_time.as_secs_f64()),
-        baseline: format!("raw JetStream fetch-and-ack: {raw:.0}"),
-        ratio: format!("{:.2}", ours / raw),
-        target: ">= 0.50".into(),
-        verdict: verdict(ours / raw >= 0.5),
-    });
-    Ok(())
+    Ok(round)
 }

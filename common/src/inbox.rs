@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The subjects the inbox applies; any other `order.*` subject is acked and counted as ignored.
@@ -575,29 +576,35 @@ pub struct Plan {
 }
 
 /// Messages fetched together, read once (a store builds it before its transaction, which may
-/// run more than once).
+/// run more than once). The messages are shared, not copied: the consumer keeps them to ack.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    items: Vec<(InboxMessage, Classified)>,
+    messages: Arc<[InboxMessage]>,
+    kinds: Vec<Classified>,
 }
 
 impl Batch {
-    pub fn new(messages: &[InboxMessage]) -> Self {
-        let items = messages
+    pub fn new(messages: impl Into<Arc<[InboxMessage]>>) -> Self {
+        let messages = messages.into();
+        let kinds = messages
             .iter()
-            .map(|m| (m.clone(), classify(&m.subject, &m.payload)))
+            .map(|m| classify(&m.subject, &m.payload))
             .collect();
-        Self { items }
+        Self { messages, kinds }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.items.is_empty()
+        self.messages.is_empty()
+    }
+
+    fn items(&self) -> impl Iterator<Item = (&InboxMessage, &Classified)> {
+        self.messages.iter().zip(&self.kinds)
     }
 
     /// What the store must read before [`Batch::plan`].
     pub fn reads(&self) -> Reads {
         let mut reads = Reads::default();
-        for (message, kind) in &self.items {
+        for (message, kind) in self.items() {
             if *kind == Classified::Other {
                 continue;
             }
@@ -622,7 +629,7 @@ impl Batch {
     /// and its `cancelled` in one batch, the same message twice).
     pub fn plan(&self, mut known: Known, policy: &RetryPolicy, now: DateTime<Utc>) -> Plan {
         let mut plan = Plan::default();
-        for (message, kind) in &self.items {
+        for (message, kind) in self.items() {
             let verdict = match kind {
                 Classified::Other => Verdict::Ignored,
                 _ if known.recorded.contains(&message.id) => Verdict::Duplicate,
@@ -951,7 +958,7 @@ mod tests {
     #[test]
     fn a_batch_reserves_then_releases_each_change_from_the_previous_version() {
         let t = ticket(None);
-        let batch = Batch::new(&[
+        let batch = Batch::new([
             message("m1", ORDER_CREATED, created("A", t.id)),
             message("m2", ORDER_CANCELLED, cancelled("A", t.id)),
         ]);
@@ -986,7 +993,7 @@ mod tests {
     fn a_message_seen_before_or_twice_in_a_batch_is_a_duplicate() {
         let t = ticket(None);
         let m = message("m1", ORDER_CREATED, created("A", t.id));
-        let plan = Batch::new(&[m.clone(), m.clone()]).plan(
+        let plan = Batch::new([m.clone(), m.clone()]).plan(
             known_with(&[&t]),
             &RetryPolicy::DEFAULT,
             now(),
@@ -1001,7 +1008,7 @@ mod tests {
         assert_eq!((plan.changes.len(), plan.records.len()), (1, 1));
         let mut known = known_with(&[&t]);
         known.recorded.insert("m1".into());
-        let plan = Batch::new(&[m]).plan(known, &RetryPolicy::DEFAULT, now());
+        let plan = Batch::new([m]).plan(known, &RetryPolicy::DEFAULT, now());
         assert_eq!(plan.verdicts, [Verdict::Duplicate]);
         assert!(plan.changes.is_empty() && plan.records.is_empty());
     }
@@ -1009,7 +1016,7 @@ mod tests {
     #[test]
     fn a_cancelled_before_its_created_wins() {
         let t = ticket(None);
-        let plan = Batch::new(&[
+        let plan = Batch::new([
             message("c", ORDER_CANCELLED, cancelled("A", t.id)),
             message("r", ORDER_CREATED, created("A", t.id)),
         ])
@@ -1025,7 +1032,7 @@ mod tests {
         // In another batch: the store remembers the applied cancelled (its record).
         let mut known = known_with(&[&t]);
         known.cancelled_orders.insert("A".into());
-        let plan = Batch::new(&[message("r", ORDER_CREATED, created("A", t.id))]).plan(
+        let plan = Batch::new([message("r", ORDER_CREATED, created("A", t.id))]).plan(
             known,
             &RetryPolicy::DEFAULT,
             now(),
@@ -1040,7 +1047,7 @@ mod tests {
     #[test]
     fn a_conflicting_order_changes_nothing_and_names_the_holder() {
         let t = ticket(Some("A"));
-        let plan = Batch::new(&[message("m", ORDER_CREATED, created("B", t.id))]).plan(
+        let plan = Batch::new([message("m", ORDER_CREATED, created("B", t.id))]).plan(
             known_with(&[&t]),
             &RetryPolicy::DEFAULT,
             now(),
@@ -1078,7 +1085,7 @@ mod tests {
         first.deliveries = 3;
         let poison = message("p", ORDER_CANCELLED, b"{oops".to_vec());
         let other = message("o", "order.updated", b"{}".to_vec());
-        let plan = Batch::new(&[first, poison, other]).plan(Known::default(), &policy, now());
+        let plan = Batch::new([first, poison, other]).plan(Known::default(), &policy, now());
         assert_eq!(
             plan.verdicts
                 .iter()

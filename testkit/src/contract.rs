@@ -10,6 +10,7 @@ use common::store::{Page, Store, UpdateOutcome};
 use common::{EventId, NewTicket, Price, Subject, TicketChanges, TicketId, Title, UserId};
 use futures::StreamExt;
 use futures::future::BoxFuture;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +48,7 @@ macro_rules! __store_contract_checks {
             inbox_parked_messages_replay_and_drop,
             inbox_retention_deletes_settled_records_in_bounded_batches,
             inbox_and_ticket_updates_interleave_with_contiguous_versions,
+            inbox_a_large_batch_applies_every_change_in_order,
         );
     };
 }
@@ -801,7 +803,7 @@ async fn events_of(store: &dyn Store, ticket: TicketId) -> Vec<common::OutboxEve
 
 async fn apply(store: &dyn Store, messages: &[InboxMessage]) -> Vec<Verdict> {
     store
-        .apply_messages(messages, &RetryPolicy::DEFAULT)
+        .apply_messages(messages.into(), &RetryPolicy::DEFAULT)
         .await
         .expect("apply")
 }
@@ -1007,7 +1009,7 @@ pub async fn inbox_unknown_tickets_retry_then_park_and_malformed_messages_park_a
     for deliveries in 1..3 {
         message.deliveries = deliveries;
         let verdicts = store
-            .apply_messages(std::slice::from_ref(&message), &policy)
+            .apply_messages(Arc::from([message.clone()]), &policy)
             .await
             .expect("apply");
         assert_eq!(outcomes(&verdicts), [Outcome::Retried]);
@@ -1024,7 +1026,7 @@ pub async fn inbox_unknown_tickets_retry_then_park_and_malformed_messages_park_a
         1,
     );
     let verdicts = store
-        .apply_messages(&[message.clone(), poison], &policy)
+        .apply_messages(Arc::from([message.clone(), poison]), &policy)
         .await
         .expect("apply");
     assert_eq!(outcomes(&verdicts), [Outcome::Parked, Outcome::Parked]);
@@ -1094,7 +1096,7 @@ pub async fn inbox_parked_messages_replay_and_drop(store: &dyn Store) {
     );
     let verdicts = store
         .apply_messages(
-            &[unknown, poison, created("r-A", "order-A", t.id)],
+            Arc::from([unknown, poison, created("r-A", "order-A", t.id)]),
             &RetryPolicy::PARK_AT_ONCE,
         )
         .await
@@ -1244,4 +1246,70 @@ pub async fn inbox_and_ticket_updates_interleave_with_contiguous_versions(store:
         (0..=stored.version).collect::<Vec<_>>(),
         "one event per version"
     );
+}
+
+/// A batch of hundreds of messages (the consumer fetches up to a thousand; a store may write
+/// them in multi-row statements), some tickets reserved and released in the same batch, some
+/// released at its end: every change applied in order, one event each.
+pub async fn inbox_a_large_batch_applies_every_change_in_order(store: &dyn Store) {
+    const TICKETS: usize = 250;
+    let mut tickets = Vec::with_capacity(TICKETS);
+    for i in 0..TICKETS {
+        let t = store
+            .create_ticket(&new_ticket(&format!("t{i}"), 20.0, "seller"))
+            .await
+            .expect("create");
+        tickets.push(t.id);
+    }
+    // Released in the same batch, right after the reservation: a few (long runs of distinct
+    // tickets between them); released at the end of the batch: every other one.
+    let (at_once, at_end) = (|i: usize| i.is_multiple_of(120), |i: usize| i % 2 == 1);
+    let released = |i: usize| at_once(i) || at_end(i);
+    let mut messages = Vec::new();
+    for (i, id) in tickets.iter().enumerate() {
+        messages.push(created(&format!("c{i}"), &format!("order-{i}"), *id));
+        if at_once(i) {
+            messages.push(cancelled(&format!("x{i}"), &format!("order-{i}"), *id));
+        }
+    }
+    for (i, id) in tickets.iter().enumerate() {
+        if at_end(i) {
+            messages.push(cancelled(&format!("x{i}"), &format!("order-{i}"), *id));
+        }
+    }
+    let verdicts = apply(store, &messages).await;
+    assert_eq!(verdicts.len(), messages.len());
+    assert!(
+        verdicts.iter().all(|v| v.outcome() == Outcome::Applied),
+        "{verdicts:?}"
+    );
+    let events = store.list_events(5_000, None).await.expect("list");
+    for (i, id) in tickets.iter().enumerate() {
+        let t = store.get_ticket(*id).await.expect("get").expect("exists");
+        let order = format!("order-{i}");
+        let (version, holder) = if released(i) {
+            (2, None)
+        } else {
+            (1, Some(order.as_str()))
+        };
+        assert_eq!(
+            (t.version, t.order_id.as_deref()),
+            (version, holder),
+            "ticket {i}"
+        );
+        let mut versions: Vec<(i64, Option<String>)> = events
+            .iter()
+            .filter(|e| e.aggregate_id == *id)
+            .map(|e| {
+                let data = e.data.to_value();
+                (e.version, data["orderId"].as_str().map(str::to_owned))
+            })
+            .collect();
+        versions.sort();
+        let mut want = vec![(0, None), (1, Some(order.clone()))];
+        if released(i) {
+            want.push((2, None));
+        }
+        assert_eq!(versions, want, "events of ticket {i}");
+    }
 }

@@ -90,7 +90,7 @@ pub enum OrdersError {
 /// Messages fetched by one step, as JetStream delivered them and as the inbox reads them.
 pub struct Fetched {
     delivered: Vec<jetstream::Message>,
-    messages: Vec<InboxMessage>,
+    messages: Arc<[InboxMessage]>,
 }
 
 impl Fetched {
@@ -137,13 +137,10 @@ impl StepOutcome {
     }
 }
 
-/// A batch's messages, and what its transaction decided for each.
-type Applied = (Vec<InboxMessage>, Result<Vec<Verdict>, StoreError>);
-
 /// A batch whose transaction was started and not yet awaited.
 struct InFlight {
-    delivered: Vec<jetstream::Message>,
-    applying: tokio::task::JoinHandle<Applied>,
+    fetched: Fetched,
+    applying: tokio::task::JoinHandle<Result<Vec<Verdict>, StoreError>>,
 }
 
 /// What readiness reports.
@@ -286,7 +283,8 @@ impl OrdersConsumer {
                 return Err(e);
             }
         };
-        let messages: Vec<InboxMessage> = delivered.iter().map(|m| self.inbox_message(m)).collect();
+        let messages: Arc<[InboxMessage]> =
+            delivered.iter().map(|m| self.inbox_message(m)).collect();
         let pending = delivered
             .last()
             .and_then(|m| m.info().ok())
@@ -355,7 +353,7 @@ impl OrdersConsumer {
         let started = Instant::now();
         let verdicts = self
             .inbox
-            .apply_messages(&fetched.messages, &self.config.retry)
+            .apply_messages(fetched.messages.clone(), &self.config.retry)
             .await?;
         metrics::histogram!("inbox_apply_seconds").record(started.elapsed().as_secs_f64());
         Ok(verdicts)
@@ -369,7 +367,7 @@ impl OrdersConsumer {
         for ((delivered, message), verdict) in fetched
             .delivered
             .iter()
-            .zip(&fetched.messages)
+            .zip(fetched.messages.iter())
             .zip(verdicts)
         {
             let ack = match verdict.retry_after() {
@@ -405,35 +403,24 @@ impl OrdersConsumer {
 
     /// Starts a batch's transaction (queued to the store behind any other).
     fn start(&self, fetched: Fetched) -> InFlight {
-        let Fetched {
-            delivered,
-            messages,
-        } = fetched;
         let (inbox, policy) = (self.inbox.clone(), self.config.retry);
+        let messages = fetched.messages.clone();
         let applying = tokio::spawn(async move {
             let started = Instant::now();
-            let result = inbox.apply_messages(&messages, &policy).await;
+            let result = inbox.apply_messages(messages, &policy).await;
             metrics::histogram!("inbox_apply_seconds").record(started.elapsed().as_secs_f64());
-            (messages, result)
+            result
         });
-        InFlight {
-            delivered,
-            applying,
-        }
+        InFlight { fetched, applying }
     }
 
     /// Waits for a started batch's commit, then settles it.
     async fn finish(&self, in_flight: InFlight) -> Result<StepOutcome, OrdersError> {
-        let (messages, result) = in_flight
+        let verdicts = in_flight
             .applying
             .await
-            .map_err(|e| StoreError::backend("apply_messages", e))?;
-        let verdicts = result?;
-        let fetched = Fetched {
-            delivered: in_flight.delivered,
-            messages,
-        };
-        Ok(self.settle(fetched, &verdicts).await)
+            .map_err(|e| StoreError::backend("apply_messages", e))??;
+        Ok(self.settle(in_flight.fetched, &verdicts).await)
     }
 
     /// One step: fetches a batch (waiting up to `wait` for a first message), applies it in one

@@ -23,6 +23,7 @@ use crate::inbox::{InboxMessage, InboxRecord, RetryPolicy, Verdict};
 use crate::outbox::{Alert, AlertKind, Claimer, FailedAttempt, Lease};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -226,10 +227,11 @@ pub trait Inbox: Send + Sync + 'static {
     /// and stores what [`crate::inbox::Batch::plan`] returns (each ticket change with its
     /// `ticket.updated` event, [`crate::outbox::rules::fresh_event`] of the stored row; the
     /// inbox records; the alerts of parked messages), or nothing. One verdict per message, in
-    /// order; the consumer acks only after this returns.
+    /// order; the consumer acks only after this returns. The messages are shared with the
+    /// caller (it acks them after), not copied.
     async fn apply_messages(
         &self,
-        messages: &[InboxMessage],
+        messages: Arc<[InboxMessage]>,
         policy: &RetryPolicy,
     ) -> Result<Vec<Verdict>, StoreError>;
 }

@@ -22,6 +22,7 @@ use chrono::{DateTime, Utc};
 use futures::{FutureExt, TryStreamExt};
 use mongodb::options::ReturnDocument;
 use mongodb::{ClientSession, Collection};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A ticket this transaction read changed before it wrote it (a snapshot read makes that a
@@ -158,7 +159,7 @@ impl Colls {
     async fn apply(
         &self,
         s: &mut ClientSession,
-        messages: &[InboxMessage],
+        messages: Arc<[InboxMessage]>,
         policy: &RetryPolicy,
         alerts: bool,
     ) -> Result<Vec<Verdict>, TxnError> {
@@ -177,17 +178,17 @@ impl Colls {
 impl Inbox for MongoStore {
     async fn apply_messages(
         &self,
-        messages: &[InboxMessage],
+        messages: Arc<[InboxMessage]>,
         policy: &RetryPolicy,
     ) -> Result<Vec<Verdict>, StoreError> {
         if messages.is_empty() {
             return Ok(Vec::new());
         }
         let colls = Colls::of(self);
-        let (messages, policy) = (messages.to_vec(), *policy);
+        let policy = *policy;
         self.transaction("apply_messages", move |s| {
             let (colls, messages) = (colls.clone(), messages.clone());
-            async move { colls.apply(s, &messages, &policy, true).await }.boxed()
+            async move { colls.apply(s, messages, &policy, true).await }.boxed()
         })
         .await
     }
@@ -247,7 +248,7 @@ impl ParkedMessages for MongoStore {
                 let message = inbox_from_doc(&parked)?.message();
                 // The operator is looking at it: no new alert if it is parked again.
                 let verdicts = colls
-                    .apply(s, &[message], &RetryPolicy::PARK_AT_ONCE, false)
+                    .apply(s, Arc::from([message]), &RetryPolicy::PARK_AT_ONCE, false)
                     .await?;
                 Ok(verdicts.into_iter().next())
             }

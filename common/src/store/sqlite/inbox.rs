@@ -12,18 +12,92 @@ use super::codec::{
 use super::outbox::IN_LIST_MAX;
 use super::tickets::claimed_event;
 use crate::domain::{OutboxEvent, Subject, TicketId};
-use crate::inbox::{Batch, InboxMessage, InboxRecord, Known, Plan, Reads, RetryPolicy, Verdict};
+use crate::inbox::{
+    Batch, InboxMessage, InboxRecord, Known, Plan, Reads, RetryPolicy, TicketChange, Verdict,
+};
 use crate::outbox::rules;
 use crate::store::{Inbox, InboxRetention, ParkedMessages, StoreError};
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params, params_from_iter};
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
-/// A ticket a batch read changed before the batch wrote it (the writer is the only one, so a
+/// Tickets a batch read changed before the batch wrote them (the writer is the only one, so a
 /// bug; the batch is rolled back and its messages are redelivered).
 #[derive(Debug, thiserror::Error)]
-#[error("ticket {0} changed while the inbox applied a batch")]
-struct TicketMoved(TicketId);
+#[error("{moved} of the tickets {first}.. changed while the inbox applied a batch")]
+struct TicketMoved {
+    first: TicketId,
+    moved: usize,
+}
+
+/// Ticket changes per multi-row UPDATE: one statement for this many tickets.
+const CHANGES_PER_UPDATE: usize = 100;
+
+const UPDATE_TICKET: &str = "UPDATE tickets SET order_id = ?1, version = version + 1 \
+     WHERE id = ?2 AND version = ?3";
+
+/// [`UPDATE_TICKET`] for [`CHANGES_PER_UPDATE`] tickets at once, from a `VALUES` list of
+/// (id, orderId, expected version).
+static UPDATE_TICKETS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let values = vec!["(?, ?, ?)"; CHANGES_PER_UPDATE].join(", ");
+    format!(
+        "UPDATE tickets SET order_id = v.column2, version = tickets.version + 1 \
+         FROM (VALUES {values}) AS v WHERE tickets.id = v.column1 AND tickets.version = v.column3"
+    )
+});
+
+/// Applies `changes` in order. A multi-row UPDATE changes each ticket once, so a run of changes
+/// goes in one only while no ticket repeats in it (a created and its cancelled in one batch
+/// change one ticket twice); what does not fill one goes row by row. No RETURNING (SQLite
+/// buffers its rows in a temporary table, a cost per message): each row was read in this
+/// transaction and its update applies only to that version, so the row stored is
+/// `change.ticket` exactly (only `orderId` and `version` change).
+fn update_tickets(conn: &Connection, changes: &[TicketChange]) -> rusqlite::Result<()> {
+    let moved = |first: &TicketChange, expected: usize, changed: usize| {
+        rusqlite::Error::ToSqlConversionFailure(Box::new(TicketMoved {
+            first: first.ticket.id,
+            moved: expected - changed.min(expected),
+        }))
+    };
+    let mut rest = changes;
+    while !rest.is_empty() {
+        let mut seen = HashSet::with_capacity(CHANGES_PER_UPDATE);
+        let run = rest
+            .iter()
+            .take(CHANGES_PER_UPDATE)
+            .take_while(|c| seen.insert(c.ticket.id))
+            .count();
+        let (now, later) = rest.split_at(run);
+        if now.len() == CHANGES_PER_UPDATE {
+            let mut many = conn.prepare_cached(&UPDATE_TICKETS)?;
+            for (i, c) in now.iter().enumerate() {
+                many.raw_bind_parameter(1 + 3 * i, c.ticket.id.hex())?;
+                many.raw_bind_parameter(2 + 3 * i, c.ticket.order_id.as_deref())?;
+                many.raw_bind_parameter(3 + 3 * i, c.expected_version)?;
+            }
+            let changed = many.raw_execute()?;
+            if changed != now.len() {
+                return Err(moved(&now[0], now.len(), changed));
+            }
+        } else {
+            let mut one = conn.prepare_cached(UPDATE_TICKET)?;
+            for c in now {
+                let changed = one.execute(params![
+                    c.ticket.order_id,
+                    c.ticket.id.hex(),
+                    c.expected_version
+                ])?;
+                if changed != 1 {
+                    return Err(moved(c, 1, changed));
+                }
+            }
+        }
+        rest = later;
+    }
+    Ok(())
+}
 
 /// The values of `ids` found by `sql` (an `IN (...)` of `{}` placeholders), chunk by chunk.
 fn found<T: rusqlite::ToSql>(
@@ -72,46 +146,21 @@ fn read_known(conn: &Connection, reads: &Reads) -> rusqlite::Result<Known> {
     Ok(known)
 }
 
-/// Writes a plan; returns the events of its ticket changes. Each statement is prepared once for
-/// the whole plan (a batch of up to a thousand messages), and events and records go in
-/// multi-row INSERTs.
+/// Writes a plan; returns the events of its ticket changes (each built from the row as stored,
+/// as the API builds its events). Tickets, events and records go in multi-row statements.
 fn store_plan(
     conn: &Connection,
     fresh_lock: Duration,
     claim: Option<&str>,
     plan: &Plan,
 ) -> rusqlite::Result<Vec<OutboxEvent>> {
-    let mut events = Vec::with_capacity(plan.changes.len());
-    if !plan.changes.is_empty() {
-        // No RETURNING (SQLite buffers its rows in a temporary table, a cost per message): the
-        // row was read in this transaction and the update applies only to that version, so the
-        // row stored is `change.ticket` exactly (only `orderId` and `version` change), and the
-        // event is built from it, as the API builds its events from the stored row.
-        let mut update = conn.prepare_cached(
-            "UPDATE tickets SET order_id = ?1, version = version + 1 \
-             WHERE id = ?2 AND version = ?3",
-        )?;
-        for change in &plan.changes {
-            let id = change.ticket.id;
-            let changed = update.execute(params![
-                change.ticket.order_id,
-                id.hex(),
-                change.expected_version
-            ])?;
-            if changed != 1 {
-                return Err(rusqlite::Error::ToSqlConversionFailure(Box::new(
-                    TicketMoved(id),
-                )));
-            }
-            events.push(claimed_event(
-                fresh_lock,
-                claim,
-                Subject::TicketUpdated,
-                &change.ticket,
-            ));
-        }
-        insert_events(conn, &events)?;
-    }
+    update_tickets(conn, &plan.changes)?;
+    let events: Vec<OutboxEvent> = plan
+        .changes
+        .iter()
+        .map(|c| claimed_event(fresh_lock, claim, Subject::TicketUpdated, &c.ticket))
+        .collect();
+    insert_events(conn, &events)?;
     insert_inbox_records(conn, &plan.records)?;
     for alert in &plan.alerts {
         queue_alert(conn, alert)?;
@@ -138,7 +187,7 @@ fn apply(
 impl Inbox for SqliteStore {
     async fn apply_messages(
         &self,
-        messages: &[InboxMessage],
+        messages: Arc<[InboxMessage]>,
         policy: &RetryPolicy,
     ) -> Result<Vec<Verdict>, StoreError> {
         if messages.is_empty() {
