@@ -438,8 +438,7 @@ impl OrdersConsumer {
             } else {
                 Duration::ZERO
             };
-            let fetched = self.fetch(wait).await;
-            let (full, error) = match fetched {
+            let (full, error) = match self.fetch(wait).await {
                 Ok(f) => {
                     let full = f.len() >= self.config.batch;
                     if !f.is_empty() {
@@ -449,22 +448,13 @@ impl OrdersConsumer {
                 }
                 Err(e) => (false, Some(e)),
             };
-            let keep = if full { IN_FLIGHT } else { 0 };
-            let mut outcome = StepOutcome::default();
-            let mut error = error;
-            while in_flight.len() > keep || (error.is_some() && !in_flight.is_empty()) {
-                let Some(oldest) = in_flight.pop_front() else {
-                    break;
-                };
-                match self.finish(oldest).await {
-                    Ok(o) => outcome.merge(o),
-                    Err(e) => error = error.or(Some(e)),
-                }
-            }
-            match error {
-                Some(e) => Err(e),
-                None => Ok(outcome),
-            }
+            // After a failure, everything in flight is finished: the error is the step's answer.
+            let keep = if full && error.is_none() {
+                IN_FLIGHT
+            } else {
+                0
+            };
+            self.finish_down_to(&mut in_flight, keep, error).await
         }
         .await;
         self.record_status(&result);
@@ -474,9 +464,22 @@ impl OrdersConsumer {
     /// Finishes the batches a step left running (shutdown): their commits, then their acks.
     pub async fn finish_in_flight(&self) -> Result<StepOutcome, OrdersError> {
         let mut in_flight = self.in_flight.lock().await;
+        self.finish_down_to(&mut in_flight, 0, None).await
+    }
+
+    /// Finishes batches in flight, oldest first, until `keep` are left; the first error (or
+    /// `error`, one from before) after all of them.
+    async fn finish_down_to(
+        &self,
+        in_flight: &mut VecDeque<InFlight>,
+        keep: usize,
+        mut error: Option<OrdersError>,
+    ) -> Result<StepOutcome, OrdersError> {
         let mut outcome = StepOutcome::default();
-        let mut error = None;
-        while let Some(oldest) = in_flight.pop_front() {
+        while in_flight.len() > keep {
+            let Some(oldest) = in_flight.pop_front() else {
+                break;
+            };
             match self.finish(oldest).await {
                 Ok(o) => outcome.merge(o),
                 Err(e) => error = error.or(Some(e)),

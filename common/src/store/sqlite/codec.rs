@@ -191,21 +191,40 @@ pub(super) fn insert_event_with(insert: &mut Statement, e: &OutboxEvent) -> rusq
 
 /// Inserts `events` in commit order, [`ROWS_PER_INSERT`] to a statement.
 pub(super) fn insert_events(conn: &Connection, events: &[OutboxEvent]) -> rusqlite::Result<()> {
-    let mut chunks = events.chunks_exact(ROWS_PER_INSERT);
-    if events.len() >= ROWS_PER_INSERT {
-        let mut many = conn.prepare_cached(&INSERT_EVENTS)?;
+    insert_rows(
+        conn,
+        events,
+        (&INSERT_EVENTS, INSERT_EVENT),
+        EVENT_COLUMNS,
+        bind_event,
+    )
+}
+
+/// Inserts `rows` in order: [`ROWS_PER_INSERT`] to a statement with `many`, what is left one by
+/// one with `one`; `bind` binds a row's `columns` from a parameter index on.
+fn insert_rows<T>(
+    conn: &Connection,
+    rows: &[T],
+    (many, one): (&str, &str),
+    columns: usize,
+    bind: fn(&mut Statement, usize, &T) -> rusqlite::Result<()>,
+) -> rusqlite::Result<()> {
+    let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
+    if rows.len() >= ROWS_PER_INSERT {
+        let mut many = conn.prepare_cached(many)?;
         for chunk in chunks.by_ref() {
-            for (i, e) in chunk.iter().enumerate() {
-                bind_event(&mut many, 1 + i * EVENT_COLUMNS, e)?;
+            for (i, row) in chunk.iter().enumerate() {
+                bind(&mut many, 1 + i * columns, row)?;
             }
             many.raw_execute()?;
         }
     }
     let rest = chunks.remainder();
     if !rest.is_empty() {
-        let mut one = conn.prepare_cached(INSERT_EVENT)?;
-        for e in rest {
-            insert_event_with(&mut one, e)?;
+        let mut one = conn.prepare_cached(one)?;
+        for row in rest {
+            bind(&mut one, 1, row)?;
+            one.raw_execute()?;
         }
     }
     Ok(())
@@ -289,25 +308,13 @@ pub(super) fn insert_inbox_records(
     conn: &Connection,
     records: &[InboxRecord],
 ) -> rusqlite::Result<()> {
-    let mut chunks = records.chunks_exact(ROWS_PER_INSERT);
-    if records.len() >= ROWS_PER_INSERT {
-        let mut many = conn.prepare_cached(&INSERT_INBOX_RECORDS)?;
-        for chunk in chunks.by_ref() {
-            for (i, r) in chunk.iter().enumerate() {
-                bind_inbox_record(&mut many, 1 + i * INBOX_COLUMNS, r)?;
-            }
-            many.raw_execute()?;
-        }
-    }
-    let rest = chunks.remainder();
-    if !rest.is_empty() {
-        let mut one = conn.prepare_cached(INSERT_INBOX_RECORD)?;
-        for r in rest {
-            bind_inbox_record(&mut one, 1, r)?;
-            one.raw_execute()?;
-        }
-    }
-    Ok(())
+    insert_rows(
+        conn,
+        records,
+        (&INSERT_INBOX_RECORDS, INSERT_INBOX_RECORD),
+        INBOX_COLUMNS,
+        bind_inbox_record,
+    )
 }
 
 /// Binds `r`'s columns ([`inbox_cols!`]) from parameter `first` on.
