@@ -23,7 +23,7 @@
 //!    three-replica stream against a one-replica stream.
 //! 8. Order events in: 10,000 `order.created` waiting in the orders stream, applied by the
 //!    orders consumer (one store transaction per fetch, acks after it), against raw JetStream
-//!    fetch-and-ack of the same messages.
+//!    fetch-and-ack of the same messages; the median of 5 rounds (1 with `--quick`).
 
 #[path = "outbox/cluster.rs"]
 mod cluster;
