@@ -59,7 +59,7 @@ macro_rules! object_id_newtype {
         /// JSON carries the 24-character hex string (BSON documents are built by the adapter).
         impl Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(Hex::of(&self.0).as_str())
+                s.serialize_str(self.hex().as_str())
             }
         }
 
@@ -101,7 +101,7 @@ macro_rules! object_id_newtype {
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(Hex::of(&self.0).as_str())
+                f.write_str(self.hex().as_str())
             }
         }
     };

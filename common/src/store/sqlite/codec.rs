@@ -11,10 +11,7 @@ use rusqlite::{Connection, OptionalExtension, Row, Statement, ToSql, params};
 
 /// UTC timestamps as fixed-width text, so that text order is time order.
 pub(super) fn ts(t: DateTime<Utc>) -> String {
-    match Ts::of(t) {
-        Ts::Fixed(text) => String::from_utf8_lossy(&text).into_owned(),
-        Ts::Other(text) => text,
-    }
+    String::from_utf8_lossy(Ts::of(t).text()).into_owned()
 }
 
 /// [`ts`] without allocating, for the binds of the hot writes: "2026-11-24T19:40:00.123Z" written
@@ -48,14 +45,18 @@ impl Ts {
         put(20, 3, millis);
         Ts::Fixed(out)
     }
+
+    fn text(&self) -> &[u8] {
+        match self {
+            Ts::Fixed(text) => text,
+            Ts::Other(text) => text.as_bytes(),
+        }
+    }
 }
 
 impl ToSql for Ts {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(ToSqlOutput::Borrowed(ValueRef::Text(match self {
-            Ts::Fixed(text) => text,
-            Ts::Other(text) => text.as_bytes(),
-        })))
+        Ok(ToSqlOutput::Borrowed(ValueRef::Text(self.text())))
     }
 }
 
@@ -159,7 +160,7 @@ pub(super) fn alert_from_row(row: &Row) -> rusqlite::Result<Alert> {
     })
 }
 
-pub(super) const INSERT_EVENT: &str = concat!(
+const INSERT_EVENT: &str = concat!(
     "INSERT INTO events (",
     event_cols!(),
     ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13)"
@@ -171,25 +172,26 @@ const EVENT_COLUMNS: usize = 13;
 /// read and write. The rows past the last full statement go one by one.
 pub(super) const ROWS_PER_INSERT: usize = 100;
 
+/// `(?, ?), (?, ?), ...`: a `VALUES` list of `rows` rows of `n` placeholders each.
+pub(super) fn values_list(n: usize, rows: usize) -> String {
+    let row = format!("({})", placeholders(n));
+    vec![row.as_str(); rows].join(", ")
+}
+
 /// `INSERT INTO {table} ({columns}) VALUES (?,...),(?,...)...`: `rows` rows of `n` columns.
 fn insert_many_sql(table: &str, columns: &str, n: usize, rows: usize) -> String {
-    let row = format!("({})", placeholders(n));
-    let values = vec![row.as_str(); rows].join(",");
-    format!("INSERT INTO {table} ({columns}) VALUES {values}")
+    format!(
+        "INSERT INTO {table} ({columns}) VALUES {}",
+        values_list(n, rows)
+    )
 }
 
 static INSERT_EVENTS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     insert_many_sql("events", event_cols!(), EVENT_COLUMNS, ROWS_PER_INSERT)
 });
 
-/// Inserts an event with `insert` ([`INSERT_EVENT`]).
-pub(super) fn insert_event_with(insert: &mut Statement, e: &OutboxEvent) -> rusqlite::Result<()> {
-    bind_event(insert, 1, e)?;
-    insert.raw_execute()?;
-    Ok(())
-}
-
-/// Inserts `events` in commit order, [`ROWS_PER_INSERT`] to a statement.
+/// Inserts `events` in commit order, [`ROWS_PER_INSERT`] to a statement (one alone: one
+/// single-row statement).
 pub(super) fn insert_events(conn: &Connection, events: &[OutboxEvent]) -> rusqlite::Result<()> {
     insert_rows(
         conn,
@@ -292,7 +294,7 @@ pub(super) fn inbox_from_row(row: &Row) -> rusqlite::Result<InboxRecord> {
     })
 }
 
-pub(super) const INSERT_INBOX_RECORD: &str = concat!(
+const INSERT_INBOX_RECORD: &str = concat!(
     "INSERT INTO inbox (",
     inbox_cols!(),
     ") VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12)"

@@ -7,7 +7,7 @@
 use super::SqliteStore;
 use super::codec::{
     inbox_from_row, insert_events, insert_inbox_records, placeholders, queue_alert,
-    ticket_from_row, ts,
+    ticket_from_row, ts, values_list,
 };
 use super::outbox::IN_LIST_MAX;
 use super::tickets::claimed_event;
@@ -41,10 +41,10 @@ const UPDATE_TICKET: &str = "UPDATE tickets SET order_id = ?1, version = version
 /// [`UPDATE_TICKET`] for [`CHANGES_PER_UPDATE`] tickets at once, from a `VALUES` list of
 /// (id, orderId, expected version).
 static UPDATE_TICKETS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let values = vec!["(?, ?, ?)"; CHANGES_PER_UPDATE].join(", ");
     format!(
         "UPDATE tickets SET order_id = v.column2, version = tickets.version + 1 \
-         FROM (VALUES {values}) AS v WHERE tickets.id = v.column1 AND tickets.version = v.column3"
+         FROM (VALUES {}) AS v WHERE tickets.id = v.column1 AND tickets.version = v.column3",
+        values_list(3, CHANGES_PER_UPDATE)
     )
 });
 

@@ -2,7 +2,7 @@
 //! built from the row as stored, committed together).
 
 use super::SqliteStore;
-use super::codec::{INSERT_EVENT, insert_event_with, ticket_from_row};
+use super::codec::{insert_events, ticket_from_row};
 use crate::domain::{NewTicket, OutboxEvent, Subject, Ticket, TicketChanges, TicketId};
 use crate::outbox::rules;
 use crate::store::{Page, StoreError, Tickets, UpdateOutcome};
@@ -18,8 +18,7 @@ pub(super) fn write_event(
     stored: &Ticket,
 ) -> rusqlite::Result<OutboxEvent> {
     let event = claimed_event(fresh_lock, claim, subject, stored);
-    let mut insert = conn.prepare_cached(INSERT_EVENT)?;
-    insert_event_with(&mut insert, &event)?;
+    insert_events(conn, std::slice::from_ref(&event))?;
     Ok(event)
 }
 
